@@ -1,0 +1,107 @@
+"""Model conversion: put SparseGradLinear in place of the MLP linears, and take it out again."""
+from __future__ import annotations
+
+from torch import nn
+
+from .basis import Bases
+from .layer import MODES, SparseGradLinear, check_k
+from .targets import Targets, find_targets, in_out_features, set_submodule
+
+
+def sparse_layers(model: nn.Module) -> dict[str, SparseGradLinear]:
+    """Module name -> SparseGradLinear for every converted layer of `model`."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SparseGradLinear)}
+
+
+def layer_k(d_in: int, d_out: int, density: float | None, n_params: int | None) -> int:
+    """k for one layer: `n_params`, or round(density * d_in * d_out)."""
+    if density is not None and n_params is not None:
+        raise ValueError("pass density or n_params, not both")
+    if n_params is not None:
+        return check_k(n_params, d_in, d_out)
+    density = 0.01 if density is None else density
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise ValueError(f"density={density!r} is out of range: choose a share of the layer's entries in (0, 1], e.g. 0.01")
+    return check_k(max(1, round(density * d_in * d_out)), d_in, d_out)
+
+
+def apply(
+    model: nn.Module,
+    bases: Bases | None,
+    *,
+    density: float | None = None,
+    n_params: int | None = None,
+    mode: str = "fixed",
+    targets: Targets = None,
+) -> nn.Module:
+    """Replace the target MLP linears of `model` by SparseGradLinear, in place; return `model`.
+
+    k per layer is `n_params`, or `density * d_in * d_out` (default density 0.01,
+    the paper's 1%). "fixed" and "dynamic" need `bases` from compute_bases;
+    "meprop" needs none. The model's outputs are unchanged right after.
+    Other parameters keep their requires_grad flags.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not one of {MODES}")
+    if sparse_layers(model):
+        raise ValueError("this model already holds SparseGradLinear layers: sparsegrad.apply was called twice; "
+                         "call sparsegrad.merge(model) first to start again")
+    if mode != "meprop" and bases is None:
+        raise ValueError(f"mode={mode!r} needs bases: bases = sparsegrad.compute_bases(model, batches, n_steps)")
+    if mode == "fixed" and bases is not None and not bases.energy:
+        raise ValueError("mode='fixed' chooses its support from the bases' energy, and these bases hold none: "
+                         "compute them with with_energy=True")
+    layers = find_targets(model, targets)
+
+    plan = {}  # validate everything before touching the model
+    for name, module in layers.items():
+        d_in, d_out = in_out_features(module)
+        try:
+            k = layer_k(d_in, d_out, density, n_params)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {err}") from None
+        U = V = energy = None
+        if mode != "meprop":
+            U, V = bases.for_layer(name)
+            if tuple(U.shape) != (d_in, d_in) or tuple(V.shape) != (d_out, d_out):
+                raise ValueError(
+                    f"the bases for {name!r} are U {tuple(U.shape)}, V {tuple(V.shape)} but the layer is "
+                    f"{d_in}->{d_out}: these bases were computed for another model; recompute them on this one"
+                )
+            energy = bases.energy.get(name) if mode == "fixed" else None
+            if mode == "fixed" and energy is None:
+                raise ValueError(f"the bases hold no energy for {name!r}; recompute them with with_energy=True")
+        plan[name] = (module, k, U, V, energy)
+
+    for name, (module, k, U, V, energy) in plan.items():
+        device = module.weight.device
+        U = None if U is None else U.to(device)
+        V = None if V is None else V.to(device)
+        set_submodule(model, name, SparseGradLinear.from_linear(module, k=k, mode=mode, U=U, V=V, energy=energy))
+    return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Replace every SparseGradLinear by a plain nn.Linear (or the original Conv1D) holding
+    the trained effective weight, in place; return `model`. Outputs are unchanged."""
+    layers = sparse_layers(model)
+    if not layers:
+        raise ValueError("nothing to merge: this model holds no SparseGradLinear (call sparsegrad.apply first)")
+    for name, layer in layers.items():
+        set_submodule(model, name, layer.to_linear())
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of trainable entries: k for each SparseGradLinear, numel for other trainable parameters."""
+    counted = set()
+    total = 0
+    for layer in sparse_layers(model).values():
+        if layer.trainable.requires_grad:
+            total += layer.k
+        counted.update(id(p) for p in layer.parameters(recurse=False) if p is not layer.bias)
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in counted:
+            total += p.numel()
+            counted.add(id(p))
+    return total

@@ -1,0 +1,135 @@
+"""One optimizer for a SparseGrad model: AdamW for dense parameters, lazy AdamW for sparse ones.
+
+Groups marked ``lazy`` (the `dynamic` delta, the `meprop` weight) update only the
+entries whose gradient is non-zero this step -- moments, weight decay and all --
+as torch.optim.SparseAdam does; the `fixed` mode's values are a dense vector
+and use the ordinary update, so their state is O(k).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .model import sparse_layers
+
+
+class SparseAdamW(torch.optim.Optimizer):
+    """AdamW (decoupled weight decay, as torch.optim.AdamW) with optional lazy groups.
+
+    Sparse COO gradients are accepted in lazy groups too.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        lazy: bool = False,
+    ) -> None:
+        if not lr >= 0:
+            raise ValueError(f"lr={lr} must be >= 0")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas={betas} must lie in [0, 1)")
+        if not eps >= 0 or not weight_decay >= 0:
+            raise ValueError(f"eps={eps} and weight_decay={weight_decay} must be >= 0")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay, "lazy": lazy})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if grad.is_sparse and not group["lazy"]:
+                    raise RuntimeError("a sparse gradient reached a dense group of SparseAdamW; put it in a lazy group")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                step = float(state["step"])
+                bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+                if group["lazy"]:
+                    self._lazy_update(p, grad, state, lr, beta1, beta2, eps, wd, bias1, bias2)
+                else:
+                    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                    p.mul_(1 - lr * wd)
+                    exp_avg.lerp_(grad, 1 - beta1)
+                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                    denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
+                    p.addcdiv_(exp_avg, denom, value=-lr / bias1)
+        return loss
+
+    @staticmethod
+    def _lazy_update(p, grad, state, lr, beta1, beta2, eps, wd, bias1, bias2) -> None:
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            idx = grad.indices()
+            flat_idx = torch.zeros(idx.shape[1], dtype=torch.long, device=idx.device)
+            for dim, size in enumerate(p.shape):
+                flat_idx = flat_idx * size + idx[dim]
+            g = grad.values().reshape(-1)
+        else:
+            flat_idx = grad.reshape(-1).nonzero().squeeze(1)
+            g = grad.reshape(-1)[flat_idx]
+        if flat_idx.numel() == 0:
+            return
+        p_flat, m_flat, v_flat = p.view(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
+        m = m_flat[flat_idx].lerp_(g, 1 - beta1)
+        v = v_flat[flat_idx].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        m_flat[flat_idx], v_flat[flat_idx] = m, v
+        w = p_flat[flat_idx].mul_(1 - lr * wd)
+        w.addcdiv_(m, (v.sqrt() / math.sqrt(bias2)).add_(eps), value=-lr / bias1)
+        p_flat[flat_idx] = w
+
+
+def _no_decay(name: str, p: torch.Tensor) -> bool:
+    return p.ndim < 2 or name.endswith("bias") or "norm" in name.lower()
+
+
+def optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, **adam_kwargs) -> SparseAdamW:
+    """The optimizer for a model converted by sparsegrad.apply (or any model).
+
+    AdamW for ordinary trainable parameters (no weight decay on biases and norms),
+    lazy AdamW for the `dynamic` and `meprop` sparse gradients, plain AdamW on
+    the `fixed` values (decay pulls them to 0: towards the pretrained weight).
+    `adam_kwargs`: betas, eps.
+    """
+    unknown = set(adam_kwargs) - {"betas", "eps"}
+    if unknown:
+        raise TypeError(f"unsupported optimizer arguments {sorted(unknown)}; sparsegrad.optimizer takes betas and eps")
+    layers = sparse_layers(model).values()
+    lazy = {id(m.trainable) for m in layers if m.mode != "fixed"}
+    values = {id(m.trainable) for m in layers if m.mode == "fixed"}
+    groups = {"sparse_lazy": [], "decay": [], "no_decay": []}
+    seen = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if id(p) in lazy:
+            groups["sparse_lazy"].append(p)
+        elif id(p) in values or not _no_decay(name, p):
+            groups["decay"].append(p)
+        else:
+            groups["no_decay"].append(p)
+    if not seen:
+        raise ValueError("the model has no trainable parameters: unfreeze some, or call sparsegrad.apply first")
+    param_groups = [
+        {"params": ps, "name": name, "lazy": name == "sparse_lazy", "weight_decay": 0.0 if name == "no_decay" else weight_decay}
+        for name, ps in groups.items()
+        if ps
+    ]
+    return SparseAdamW(param_groups, lr=lr, weight_decay=weight_decay, **adam_kwargs)

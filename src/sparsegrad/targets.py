@@ -1,0 +1,109 @@
+"""Which modules SparseGrad replaces: the MLP linears of each architecture.
+
+Targets follow PEFT's convention: a list of names matches every module whose
+name ends with one of them (``"intermediate.dense"``), a single string is a
+regular expression that must match the whole module name.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable
+
+import torch
+from torch import nn
+
+# Regular expressions over full module names, per `config.model_type`.
+_BERT_LIKE = r".*\.(intermediate\.dense|(?<!attention\.)output\.dense)"
+_LLAMA_LIKE = r".*\.mlp\.(gate_proj|up_proj|down_proj)"
+DEFAULT_TARGETS: dict[str, str] = {
+    **{t: _BERT_LIKE for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet")},
+    "distilbert": r".*\.ffn\.(lin1|lin2)",
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")},
+    "gpt2": r".*\.mlp\.(c_fc|c_proj)",
+}
+
+Targets = str | Iterable[str] | None
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2): weight (d_in, d_out), y = x @ W + b.
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or _is_conv1d(module)
+
+
+def linear_weight(module: nn.Module) -> torch.Tensor:
+    """The module's weight in nn.Linear orientation, shape (d_out, d_in)."""
+    return module.weight.t() if _is_conv1d(module) else module.weight
+
+
+def in_out_features(module: nn.Module) -> tuple[int, int]:
+    d_out, d_in = linear_weight(module).shape
+    return d_in, d_out
+
+
+def _matcher(targets: Targets, model: nn.Module):
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"sparsegrad has no default MLP targets for model_type={model_type!r}; "
+                f"pass targets=[...] with the names of the MLP linear layers "
+                f"(known types: {', '.join(sorted(DEFAULT_TARGETS))})"
+            )
+        targets = DEFAULT_TARGETS[model_type]
+    if isinstance(targets, str):
+        pattern = re.compile(targets)
+        return targets, lambda name: pattern.fullmatch(name) is not None
+    suffixes = list(targets)
+    if not suffixes:
+        raise ValueError("targets is empty: name at least one MLP linear layer, e.g. ['intermediate.dense']")
+    return suffixes, lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def find_targets(model: nn.Module, targets: Targets = None, *, include_replaced: bool = False) -> dict[str, nn.Module]:
+    """Module name -> linear module for every target of `model`, in model order.
+
+    Raises ValueError naming the targets when nothing matches, or when a match
+    is not a linear layer.
+    """
+    from .layer import SparseGradLinear
+
+    spec, matches = _matcher(targets, model)
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not name or not matches(name):
+            continue
+        if isinstance(module, SparseGradLinear):
+            if include_replaced:
+                found[name] = module
+            continue
+        if not is_linear_like(module):
+            raise ValueError(
+                f"target {name!r} is a {type(module).__name__}, not a linear layer; "
+                f"narrow targets={spec!r} to the MLP linear layers"
+            )
+        found[name] = module
+    if not found:
+        linear_names = [n for n, m in model.named_modules() if is_linear_like(m)][:6]
+        raise ValueError(
+            f"targets={spec!r} match no linear layer of this {type(model).__name__}; "
+            f"pass targets naming its MLP linears (its linear layers look like: {linear_names})"
+        )
+    return found
+
+
+def role_of(name: str) -> str:
+    """The layer's role, shared across blocks: block indices replaced by '*'.
+
+    'bert.encoder.layer.3.intermediate.dense' -> 'bert.encoder.layer.*.intermediate.dense'
+    """
+    return re.sub(r"\.\d+\.", ".*.", name)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
