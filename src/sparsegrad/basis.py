@@ -72,8 +72,8 @@ def hosvd_unfold(slices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, d_in, d_out = slices.shape
     mode1 = slices.permute(1, 0, 2).reshape(d_in, n * d_out)  # (d_in, N * d_out)
     mode2 = slices.permute(2, 0, 1).reshape(d_out, n * d_in)  # (d_out, N * d_in)
-    u = torch.linalg.svd(mode1, full_matrices=True).U
-    v = torch.linalg.svd(mode2, full_matrices=True).U
+    u = torch.linalg.svd(mode1, full_matrices=False).U  # (d_in, min(d_in, N * d_out))
+    v = torch.linalg.svd(mode2, full_matrices=False).U
     return u.t(), v.t()
 
 

@@ -1,0 +1,198 @@
+"""SparseGradLinear against nn.Linear and autograd, in float64."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sparsegrad.layer as layer_mod
+from sparsegrad import SparseGradLinear
+from sparsegrad.layer import topk_support
+
+D_IN, D_OUT, K = 12, 20, 17
+f64 = torch.float64
+
+
+def orthogonal(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=f64))[0]
+
+
+def make_layer(mode: str, bias: bool = True, support=None, k: int = K, seed: int = 0) -> tuple[SparseGradLinear, nn.Linear]:
+    torch.manual_seed(seed)
+    lin = nn.Linear(D_IN, D_OUT, bias=bias).to(f64)
+    energy = torch.rand(D_IN, D_OUT, dtype=f64)
+    layer = SparseGradLinear.from_linear(
+        lin, k=k, mode=mode, U=orthogonal(D_IN, 1), V=orthogonal(D_OUT, 2), energy=energy, support=support
+    )
+    with torch.no_grad():  # a trained state: non-zero S
+        if mode == "fixed":
+            layer.values.copy_(torch.randn(k, dtype=f64))
+        elif mode == "dynamic":
+            layer.delta.copy_(torch.randn(D_IN, D_OUT, dtype=f64) * (torch.rand(D_IN, D_OUT) < 0.2))
+    return layer, lin
+
+
+def effective_reference(layer: SparseGradLinear, lin: nn.Linear):
+    """Dense autograd reference: W_eff^T = W_0^T + U^T S V with S a leaf, for the same state."""
+    if layer.mode == "fixed":
+        S = torch.zeros(D_IN, D_OUT, dtype=f64)
+        S[layer.rows, layer.cols] = layer.values.detach()
+    elif layer.mode == "dynamic":
+        S = layer.delta.detach().clone()
+    else:
+        S = torch.zeros(D_IN, D_OUT, dtype=f64)
+    S.requires_grad_(True)
+    U, V = (layer.U, layer.V) if layer.mode != "meprop" else (torch.eye(D_IN, dtype=f64), torch.eye(D_OUT, dtype=f64))
+    W0 = lin.weight.detach().clone().requires_grad_(True)
+    W_eff = (W0.t() + U.t() @ S @ V).t()  # (d_out, d_in)
+    return S, W0, W_eff
+
+
+def topk_reference(full: torch.Tensor, k: int) -> torch.Tensor:
+    idx = full.abs().flatten().topk(k).indices
+    out = torch.zeros_like(full).flatten()
+    out[idx] = full.flatten()[idx]
+    return out.view_as(full)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "dynamic", "meprop"])
+@pytest.mark.parametrize("zero_rows", [False, True])
+def test_matches_linear_and_autograd(mode, zero_rows):
+    layer, lin = make_layer(mode)
+    S, W0, W_eff = effective_reference(layer, lin)
+    x = torch.randn(3, 5, D_IN, dtype=f64, requires_grad=True)  # leading dims (3, 5)
+    x_ref = x.detach().clone().requires_grad_(True)
+    b_ref = lin.bias.detach().clone().requires_grad_(True)
+    dy = torch.randn(3, 5, D_OUT, dtype=f64)
+    if zero_rows:  # most rows of dy zero: the sparse-by-dense path (Sec. 3.3)
+        dy[:, 1:] = 0
+
+    y, y_ref = layer(x), F.linear(x_ref, W_eff, b_ref)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.bias.grad, dy.sum((0, 1)), rtol=0, atol=1e-12)  # unrotated sum(dY)
+    torch.testing.assert_close(layer.bias.grad, b_ref.grad, rtol=0, atol=1e-12)
+
+    if mode == "fixed":
+        torch.testing.assert_close(layer.values.grad, S.grad[layer.rows, layer.cols], rtol=0, atol=1e-12)
+        assert layer.weight.grad is None
+    elif mode == "dynamic":
+        torch.testing.assert_close(layer.delta.grad, topk_reference(S.grad, K), rtol=0, atol=1e-12)
+        assert int(layer.delta.grad.ne(0).sum()) == K
+    else:
+        torch.testing.assert_close(layer.weight.grad, topk_reference(W0.grad, K), rtol=0, atol=1e-12)
+        assert int(layer.weight.grad.ne(0).sum()) == K
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "meprop"])
+def test_topk_keeps_exactly_k_under_ties(mode):
+    lin = nn.Linear(D_IN, D_OUT).to(f64)
+    eye_in, eye_out = torch.eye(D_IN, dtype=f64), torch.eye(D_OUT, dtype=f64)
+    layer = SparseGradLinear.from_linear(lin, k=K, mode=mode, U=eye_in, V=eye_out)
+    x = torch.ones(4, D_IN, dtype=f64)  # every entry of G = x^T dy equal: all tied
+    layer(x).backward(torch.ones(4, D_OUT, dtype=f64))
+    assert int(layer.trainable.grad.ne(0).sum()) == K
+
+
+@pytest.mark.parametrize("support_kind", ["few_rows", "few_cols"])
+def test_support_plans_and_chunks(monkeypatch, support_kind):
+    """Both rotation sides (fewer distinct rows or columns) and many chunks give the exact gradient."""
+    monkeypatch.setattr(layer_mod, "_CHUNK_SHARE", 0.01)  # one distinct row per chunk
+    if support_kind == "few_rows":  # 3 distinct rows, all columns: rotate rows
+        rows = torch.tensor([1, 4, 9]).repeat_interleave(D_OUT)
+        cols = torch.arange(D_OUT).repeat(3)
+    else:  # all rows, 2 distinct columns: rotate columns
+        rows = torch.arange(D_IN).repeat(2)
+        cols = torch.tensor([3, 17]).repeat_interleave(D_IN)
+    perm = torch.randperm(rows.numel())  # any order in, same order out
+    layer, lin = make_layer("fixed", support=(rows[perm], cols[perm]), k=rows.numel())
+    assert layer._support_plan().transposed == (support_kind == "few_cols")
+    assert len(layer._support_plan().chunks) > 1
+    S, _, W_eff = effective_reference(layer, lin)
+    x = torch.randn(7, D_IN, dtype=f64)
+    dy = torch.randn(7, D_OUT, dtype=f64)
+    y = layer(x)
+    torch.testing.assert_close(y, F.linear(x, W_eff, lin.bias), rtol=0, atol=1e-12)
+    y.backward(dy)
+    F.linear(x, W_eff, lin.bias).backward(dy)
+    torch.testing.assert_close(layer.values.grad, S.grad[layer.rows, layer.cols], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "dynamic", "meprop"])
+def test_gradcheck(mode):
+    layer, _ = make_layer(mode)
+    x = torch.randn(2, 3, D_IN, dtype=f64, requires_grad=True)
+    # input and bias gradients are exact in every mode
+    assert torch.autograd.gradcheck(lambda x, b: layer(x), (x, layer.bias), eps=1e-6, atol=1e-8)
+    if mode == "fixed":  # the values' gradient is exact too (top-k modes sparsify theirs on purpose)
+        assert torch.autograd.gradcheck(lambda x, v: layer(x), (x, layer.values), eps=1e-6, atol=1e-8)
+
+
+def test_no_bias_layer():
+    layer, lin = make_layer("fixed", bias=False)
+    _, _, W_eff = effective_reference(layer, lin)
+    x = torch.randn(5, D_IN, dtype=f64)
+    torch.testing.assert_close(layer(x), F.linear(x, W_eff), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "dynamic", "meprop"])
+def test_bfloat16_input_follows_dtype(mode):
+    layer, lin = make_layer(mode)
+    layer, lin = layer.float(), lin.float()
+    x = torch.randn(4, 6, D_IN)
+    ref = layer(x)
+    xb = x.bfloat16().requires_grad_(True)
+    y = layer(xb)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+    y.float().sum().backward()
+    assert xb.grad.dtype == torch.bfloat16
+    assert layer.trainable.grad.dtype == torch.float32 and torch.isfinite(layer.trainable.grad).all()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+
+
+def test_changed_values_are_folded_and_state_dict_round_trips():
+    layer, lin = make_layer("fixed")
+    x = torch.randn(5, D_IN, dtype=f64)
+    layer(x)
+    with torch.no_grad():
+        layer.values.add_(0.5)  # as an optimizer step would
+    _, _, W_eff = effective_reference(layer, lin)
+    torch.testing.assert_close(layer(x), F.linear(x, W_eff, lin.bias), rtol=0, atol=1e-12)
+
+    fresh, _ = make_layer("fixed")
+    fresh.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(fresh(x), layer(x), rtol=0, atol=0)
+    merged = layer.to_linear()
+    assert type(merged) is nn.Linear
+    torch.testing.assert_close(merged(x), layer(x), rtol=0, atol=1e-12)
+
+
+def test_topk_support_is_sorted_and_exact():
+    energy = torch.rand(D_IN, D_OUT)
+    rows, cols = topk_support(energy, K)
+    flat = rows * D_OUT + cols
+    assert torch.equal(flat, flat.sort().values) and flat.unique().numel() == K
+    assert set(flat.tolist()) == set(energy.flatten().topk(K).indices.tolist())
+
+
+def test_bad_arguments_name_the_fix():
+    lin = nn.Linear(D_IN, D_OUT)
+    U, V = torch.eye(D_IN), torch.eye(D_OUT)
+    with pytest.raises(ValueError, match="k=0 is out of range"):
+        SparseGradLinear.from_linear(lin, k=0, mode="meprop")
+    with pytest.raises(ValueError, match=f"1 <= k <= {D_IN * D_OUT}"):
+        SparseGradLinear.from_linear(lin, k=D_IN * D_OUT + 1, mode="meprop")
+    with pytest.raises(ValueError, match=r"basis V has shape \(12, 12\).*needs \(20, 20\)"):
+        SparseGradLinear.from_linear(lin, k=3, mode="dynamic", U=U, V=U)
+    with pytest.raises(ValueError, match="needs the basis U"):
+        SparseGradLinear.from_linear(lin, k=3, mode="dynamic")
+    with pytest.raises(ValueError, match="mode='sparse' is not one of"):
+        SparseGradLinear.from_linear(lin, k=3, mode="sparse", U=U, V=V)
+    with pytest.raises(ValueError, match="energy"):
+        SparseGradLinear.from_linear(lin, k=3, mode="fixed", U=U, V=V)
+    with pytest.raises(ValueError, match="repeated"):
+        SparseGradLinear.from_linear(lin, k=2, mode="fixed", U=U, V=V, support=([1, 1], [2, 2]))

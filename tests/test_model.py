@@ -1,0 +1,140 @@
+"""apply / merge on real and tiny models, and the errors that name what to change."""
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import sparsegrad
+from sparsegrad import SparseGradLinear
+
+
+def logits(model, batch):
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def train_steps(model, batches, lr=1e-2):
+    model.train()
+    opt = sparsegrad.optimizer(model, lr=lr)
+    for batch in batches:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.fixture(scope="module")
+def minilm_bases(_minilm_classifier, bbc_batches):
+    return sparsegrad.compute_bases(_minilm_classifier, bbc_batches, n_steps=2, progress=False)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "dynamic", "meprop"])
+def test_apply_then_merge_round_trips_on_minilm(minilm, bbc_batches, minilm_bases, tmp_path, mode):
+    batch = bbc_batches[-1]
+    before = logits(minilm, batch)
+    sparsegrad.apply(minilm, minilm_bases, density=0.01, mode=mode)
+    layers = sparsegrad.sparse_layers(minilm)
+    assert len(layers) == 12 and all(m.mode == mode for m in layers.values())
+    assert "bert.encoder.layer.0.attention.output.dense" not in layers
+    torch.testing.assert_close(logits(minilm, batch), before, rtol=0, atol=1e-5)  # unchanged right after apply
+    k_up, k_down = layers["bert.encoder.layer.0.intermediate.dense"].k, layers["bert.encoder.layer.0.output.dense"].k
+    assert k_up == k_down == round(0.01 * 384 * 1536)
+
+    train_steps(minilm, bbc_batches[:2])
+    trained = logits(minilm, batch)
+    assert (trained - before).abs().max() > 1e-4  # training changed the model
+    sparsegrad.merge(minilm)
+    assert not sparsegrad.sparse_layers(minilm)
+    assert type(minilm.bert.encoder.layer[0].intermediate.dense) is nn.Linear
+    torch.testing.assert_close(logits(minilm, batch), trained, rtol=0, atol=1e-5)  # merge keeps outputs
+
+    minilm.save_pretrained(tmp_path)
+    reloaded = BertForSequenceClassification.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(reloaded, batch), trained, rtol=0, atol=1e-5)
+
+
+def test_counts_and_freezing(minilm, minilm_bases):
+    for p in minilm.parameters():
+        p.requires_grad_(False)
+    minilm.classifier.requires_grad_(True)
+    sparsegrad.apply(minilm, minilm_bases, n_params=5000)
+    head = sum(p.numel() for p in minilm.classifier.parameters())
+    assert sparsegrad.trainable_parameters(minilm) == 12 * 5000 + head
+    layer = sparsegrad.sparse_layers(minilm)["bert.encoder.layer.3.output.dense"]
+    assert not layer.weight.requires_grad and layer.values.requires_grad and not layer.bias.requires_grad
+
+
+def test_apply_errors_name_the_fix(minilm, minilm_bases):
+    with pytest.raises(ValueError, match="density=1.5 is out of range"):
+        sparsegrad.apply(minilm, minilm_bases, density=1.5)
+    with pytest.raises(ValueError, match="density=0 is out of range"):
+        sparsegrad.apply(minilm, minilm_bases, density=0)
+    with pytest.raises(ValueError, match=r"k=589825 is out of range .* 1 <= k <= 589824"):
+        sparsegrad.apply(minilm, minilm_bases, n_params=384 * 1536 + 1)
+    with pytest.raises(ValueError, match="not both"):
+        sparsegrad.apply(minilm, minilm_bases, density=0.01, n_params=10)
+    with pytest.raises(ValueError, match="match no linear layer"):
+        sparsegrad.apply(minilm, minilm_bases, targets=["mlp.up_proj"])
+    with pytest.raises(ValueError, match="needs bases"):
+        sparsegrad.apply(minilm, None, mode="fixed")
+    with pytest.raises(ValueError, match="nothing to merge"):
+        sparsegrad.merge(minilm)
+    assert not sparsegrad.sparse_layers(minilm)  # failed calls left the model untouched
+    sparsegrad.apply(minilm, minilm_bases)
+    with pytest.raises(ValueError, match="called twice"):
+        sparsegrad.apply(minilm, minilm_bases)
+
+
+def test_bases_that_do_not_fit(minilm, bbc_batches):
+    small = BertForSequenceClassification(BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                                     num_attention_heads=4, num_labels=5))
+    batch = {k: v for k, v in bbc_batches[0].items() if k != "token_type_ids"}
+    bases = sparsegrad.compute_bases(small, [batch], 1, progress=False)
+    with pytest.raises(ValueError, match=r"computed for another model; recompute"):
+        sparsegrad.apply(minilm, bases)
+    per_layer = sparsegrad.compute_bases(small, [batch], 1, group_by="layer", progress=False, targets=["output.dense"])
+    with pytest.raises(KeyError, match="no entry for layer"):
+        sparsegrad.apply(minilm, per_layer)
+
+
+def test_unknown_architecture_needs_targets():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match="no default MLP targets.*pass targets"):
+        sparsegrad.apply(Tiny(), None, mode="meprop")
+    model = sparsegrad.apply(Tiny(), None, mode="meprop", targets=["fc"], n_params=3)
+    assert isinstance(model.fc, SparseGradLinear)
+
+
+def _lm_batches(vocab: int, n: int = 3):
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(0, vocab, (4, 16), generator=g) for _ in range(n)]
+    return [{"input_ids": x, "labels": x} for x in ids]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_decoders_round_trip(arch):
+    torch.manual_seed(0)
+    if arch == "gpt2":  # Conv1D MLP, weight stored (d_in, d_out)
+        model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=32,
+                                           bos_token_id=0, eos_token_id=0))
+        n_roles, kind = 2, "Conv1D"
+    else:
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+        n_roles, kind = 3, "Linear"
+    batches = _lm_batches(100)
+    bases = sparsegrad.compute_bases(model, batches, 3, progress=False)
+    assert len(bases.U) == n_roles
+    before = logits(model, batches[0])
+    sparsegrad.apply(model, bases, density=0.05)
+    torch.testing.assert_close(logits(model, batches[0]), before, rtol=0, atol=1e-5)
+    train_steps(model, batches)
+    trained = logits(model, batches[0])
+    assert (trained - before).abs().max() > 1e-4
+    sparsegrad.merge(model)
+    assert type(model.get_submodule(next(iter(bases.layers)))).__name__ == kind
+    torch.testing.assert_close(logits(model, batches[0]), trained, rtol=0, atol=1e-5)
