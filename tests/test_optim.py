@@ -1,0 +1,128 @@
+"""SparseAdamW against torch.optim.AdamW; O(k) state; state_dict; clip_grad_norm_; the HF Trainer."""
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import sparsegrad
+from sparsegrad import SparseAdamW
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_matches_torch_adamw_on_a_full_support(lazy):
+    torch.manual_seed(0)
+    p_ref = nn.Parameter(torch.randn(6, 5, dtype=torch.float64))
+    p = nn.Parameter(p_ref.detach().clone())
+    kwargs = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1)
+    ref = torch.optim.AdamW([p_ref], **kwargs)
+    ours = SparseAdamW([p], lazy=lazy, **kwargs)
+    for _ in range(5):
+        g = torch.randn(6, 5, dtype=torch.float64)  # every entry non-zero: full support
+        p_ref.grad, p.grad = g.clone(), g.clone()
+        ref.step()
+        ours.step()
+        torch.testing.assert_close(p, p_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours.state[p]["exp_avg_sq"], ref.state[p_ref]["exp_avg_sq"])
+
+
+def test_lazy_update_touches_only_the_gradient_support():
+    p = nn.Parameter(torch.ones(4, 4))
+    opt = SparseAdamW([p], lr=0.1, weight_decay=0.5, lazy=True)
+    grad = torch.zeros(4, 4)
+    grad[1, 2], grad[3, 0] = 1.0, -2.0
+    p.grad = grad
+    opt.step()
+    changed = (p != 1).nonzero().tolist()
+    assert changed == [[1, 2], [3, 0]]  # weight decay and moments lazily, too
+    # sparse COO gradients take the same path
+    q = nn.Parameter(torch.ones(4, 4))
+    opt_q = SparseAdamW([q], lr=0.1, weight_decay=0.5, lazy=True)
+    q.grad = grad.to_sparse()
+    opt_q.step()
+    assert torch.equal(q, p)
+
+
+@pytest.fixture(scope="module")
+def minilm_bases(_minilm_classifier, bbc_batches):
+    return sparsegrad.compute_bases(_minilm_classifier, bbc_batches, n_steps=2, progress=False)
+
+
+def head_only(model):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.classifier.requires_grad_(True)
+    return model
+
+
+def test_fixed_mode_optimizer_state_is_order_k(minilm, minilm_bases, bbc_batches):
+    head_only(minilm)
+    sparsegrad.apply(minilm, minilm_bases, n_params=4000, mode="fixed")
+    opt = sparsegrad.optimizer(minilm, lr=1e-3, weight_decay=0.01)
+    minilm(**bbc_batches[0]).loss.backward()
+    opt.step()
+    head = sum(p.numel() for p in minilm.classifier.parameters())
+    state_elements = sum(t.numel() for s in opt.state.values() for t in (s["exp_avg"], s["exp_avg_sq"]))
+    assert state_elements == 2 * (12 * 4000 + head)  # two moments per trained value, nothing per weight entry
+    names = {g["name"]: g for g in opt.param_groups}
+    assert names["decay"]["weight_decay"] == 0.01 and names["no_decay"]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("mode", ["fixed", "dynamic", "meprop"])
+def test_state_dict_round_trip_and_clipping(minilm, minilm_bases, bbc_batches, mode):
+    head_only(minilm)
+    sparsegrad.apply(minilm, minilm_bases, density=0.005, mode=mode)
+    twin = copy.deepcopy(minilm)
+    opt = sparsegrad.optimizer(minilm, lr=1e-3, weight_decay=0.01)
+
+    def step(model, optim, batch):
+        model(**batch).loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        assert torch.isfinite(norm)
+        optim.step()
+        optim.zero_grad()
+
+    step(minilm, opt, bbc_batches[0])
+    buffer = io.BytesIO()  # through bytes, as a checkpoint on disk (no tensors shared)
+    torch.save({"model": minilm.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    twin.load_state_dict(saved["model"])
+    twin_opt = sparsegrad.optimizer(twin, lr=1e-3, weight_decay=0.01)
+    twin_opt.load_state_dict(saved["opt"])
+    minilm.eval(), twin.eval()  # no dropout: both continue identically
+    for batch in bbc_batches[1:3]:
+        step(minilm, opt, batch)
+        step(twin, twin_opt, batch)
+    for (n, a), (_, b) in zip(minilm.state_dict().items(), twin.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_hf_trainer_with_our_optimizer(minilm, minilm_bases, bbc_batches, tmp_path):
+    from torch.utils.data import Dataset
+    from transformers import Trainer, TrainingArguments, get_linear_schedule_with_warmup
+
+    class Rows(Dataset):
+        def __init__(self, batches):
+            self.rows = [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["labels"]))]
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return self.rows[i]
+
+    head_only(minilm)
+    sparsegrad.apply(minilm, minilm_bases, density=0.01, mode="fixed")
+    before = {n: m.values.detach().clone() for n, m in sparsegrad.sparse_layers(minilm).items()}
+    opt = sparsegrad.optimizer(minilm, lr=5e-3)
+    sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=1, num_training_steps=4)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, max_grad_norm=1.0,
+                             report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=minilm, args=args, train_dataset=Rows(bbc_batches[:2]), optimizers=(opt, sched))
+    trainer.train()
+    assert trainer.state.global_step == 4
+    for name, layer in sparsegrad.sparse_layers(minilm).items():
+        assert not torch.equal(layer.values, before[name]), name
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0)  # the scheduler drove our optimizer
