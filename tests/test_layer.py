@@ -96,10 +96,13 @@ def test_topk_keeps_exactly_k_under_ties(mode):
     assert int(layer.trainable.grad.ne(0).sum()) == K
 
 
+@pytest.mark.parametrize("rotate_activations", [True, False])
 @pytest.mark.parametrize("support_kind", ["few_rows", "few_cols"])
-def test_support_plans_and_chunks(monkeypatch, support_kind):
-    """Both rotation sides (fewer distinct rows or columns) and many chunks give the exact gradient."""
-    monkeypatch.setattr(layer_mod, "_CHUNK_SHARE", 0.01)  # one distinct row per chunk
+def test_support_plans(monkeypatch, support_kind, rotate_activations):
+    """Both rotation sides (fewer distinct rows or columns) and both ways of rotating
+    (the activations, or a dense G in place by column blocks) give the exact gradient."""
+    monkeypatch.setattr(layer_mod, "_rotate_activations", lambda *shape: rotate_activations)
+    monkeypatch.setattr(layer_mod, "_ROTATE_BLOCK", 3)
     if support_kind == "few_rows":  # 3 distinct rows, all columns: rotate rows
         rows = torch.tensor([1, 4, 9]).repeat_interleave(D_OUT)
         cols = torch.arange(D_OUT).repeat(3)
@@ -109,7 +112,6 @@ def test_support_plans_and_chunks(monkeypatch, support_kind):
     perm = torch.randperm(rows.numel())  # any order in, same order out
     layer, lin = make_layer("fixed", support=(rows[perm], cols[perm]), k=rows.numel())
     assert layer._support_plan().transposed == (support_kind == "few_cols")
-    assert len(layer._support_plan().chunks) > 1
     S, _, W_eff = effective_reference(layer, lin)
     x = torch.randn(7, D_IN, dtype=f64)
     dy = torch.randn(7, D_OUT, dtype=f64)

@@ -40,8 +40,8 @@ _TRAINABLE_NAME = {"fixed": "values", "dynamic": "delta", "meprop": "weight"}
 
 # Rows of dy are gathered (the zero rows skipped) when at most this share is non-zero.
 _ROW_SKIP_BELOW = 0.9
-# Largest rotated block formed at once, as a share of d_in * d_out (bounds the extra buffer).
-_CHUNK_SHARE = 0.25
+# Column block of the in-place rotation of a dense G (bounds the temporary to (r, block)).
+_ROTATE_BLOCK = 256
 
 
 def check_k(k: int, d_in: int, d_out: int) -> int:
@@ -69,8 +69,8 @@ class _SupportPlan:
 
     In plan orientation the matrix is (m, n) = (d_in, d_out), or (d_out, d_in)
     when `transposed`; `a` (m, m) rotates its rows and `b` (n, n) its columns.
-    Entries are sorted by (row, col) in plan orientation; `order` maps them back
-    to the caller's order. `chunks` cut the distinct rows into runs.
+    Entries are sorted by (row, col) in plan orientation, as a CSR pattern over
+    the r distinct rows; `order` maps them back to the caller's order.
     """
 
     transposed: bool
@@ -79,57 +79,65 @@ class _SupportPlan:
     crow: torch.Tensor  # (r + 1,) CSR row pointer over the distinct rows
     cols: torch.Tensor  # (k,) plan column of each entry
     n: int  # plan columns
-    chunks: list[tuple[int, int]]  # [start, end) ranges over distinct rows
 
     @staticmethod
     def build(rows: torch.Tensor, cols: torch.Tensor, d_in: int, d_out: int) -> "_SupportPlan":
         n_rows, n_cols = rows.unique().numel(), cols.unique().numel()
         transposed = n_cols < n_rows
         if transposed:  # rotate the (fewer) columns: work on the transpose
-            rows, cols, (m, n) = cols, rows, (d_out, d_in)
+            rows, cols, n = cols, rows, d_in
         else:
-            m, n = d_in, d_out
+            n = d_out
         order = torch.argsort(rows * n + cols)
         rows, cols = rows[order], cols[order]
         uniq_rows, counts = torch.unique_consecutive(rows, return_counts=True)
         crow = torch.zeros(uniq_rows.numel() + 1, dtype=torch.long, device=rows.device)
         crow[1:] = counts.cumsum(0)
-        per_chunk = max(1, int(_CHUNK_SHARE * m))
-        chunks = [(s, min(s + per_chunk, uniq_rows.numel())) for s in range(0, uniq_rows.numel(), per_chunk)]
-        return _SupportPlan(transposed, order, uniq_rows, crow, cols, n, chunks)
+        return _SupportPlan(transposed, order, uniq_rows, crow, cols, n)
 
-    def _csr(self, start: int, end: int, values: torch.Tensor) -> torch.Tensor:
-        lo, hi = int(self.crow[start]), int(self.crow[end])
+    def _csr(self, values: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
             return torch.sparse_csr_tensor(
-                self.crow[start : end + 1] - lo, self.cols[lo:hi], values[lo:hi], (end - start, self.n),
-                check_invariants=False,
+                self.crow, self.cols, values, (self.uniq_rows.numel(), self.n), check_invariants=False
             )
 
-    def gather(self, g_plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """(a @ g_plan @ b^T) at the support, in caller order. g_plan: (m, n)."""
-        out = torch.zeros(self.cols.numel(), dtype=g_plan.dtype, device=g_plan.device)
-        for start, end in self.chunks:
-            rot = a[self.uniq_rows[start:end]] @ g_plan  # (r_c, m) @ (m, n) -> (r_c, n)
-            pattern = self._csr(start, end, out)  # zeros: sampled_addmm adds beta * 0
-            lo, hi = int(self.crow[start]), int(self.crow[end])
-            # sampled (r_c, n) @ (n, n) at the chunk's entries: rot[i] . b[j]
-            out[lo:hi] = _sampled_addmm(pattern, rot, b.t()).values()
+    def gather(self, left: torch.Tensor, right: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(a @ left^T right @ b^T) at the support, in caller order.
+
+        left (t, m), right (t, n): the plan matrix is left^T right (G or G^T).
+        Forms at most one dense (m, n) buffer.
+        """
+        t, m = left.shape
+        r = self.uniq_rows.numel()
+        a_r = a[self.uniq_rows]  # (r, m)
+        if _rotate_activations(t, r, m, self.n):
+            rot = (left @ a_r.t()).t() @ right  # rotated activations: (r, t) @ (t, n) -> (r, n)
+        else:
+            g = left.t() @ right  # (m, t) @ (t, n): the dense gradient
+            for j in range(0, self.n, _ROTATE_BLOCK):  # rotate in place, a column block at a time
+                g[:r, j : j + _ROTATE_BLOCK] = a_r @ g[:, j : j + _ROTATE_BLOCK]
+            rot = g[:r]
+        pattern = self._csr(torch.zeros(self.cols.numel(), dtype=rot.dtype, device=rot.device))
+        # sampled (r, n) @ (n, n) at the entries: rot[i] . b[j]  (zeros: beta * 0)
+        out = _sampled_addmm(pattern, rot, b.t()).values()
         result = torch.empty_like(out)
         result[self.order] = out
         return result
 
     def fold(self, weight: torch.Tensor, values: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         """weight (d_out, d_in) += (a^T S b) in weight orientation; S holds `values` (caller order)."""
-        vals = values[self.order].to(a.dtype)
-        for start, end in self.chunks:
-            rows = a[self.uniq_rows[start:end]]  # (r_c, m)
-            p = self._csr(start, end, vals) @ b  # (r_c, n) @ (n, n) -> (r_c, n)
-            if self.transposed:  # plan matrix is W itself: W += rows^T @ p
-                weight.addmm_(rows.t().to(weight.dtype), p.to(weight.dtype))
-            else:  # plan matrix is W^T: W += p^T @ rows
-                weight.addmm_(p.t().to(weight.dtype), rows.to(weight.dtype))
+        p = self._csr(values[self.order].to(a.dtype)) @ b  # (r, n) @ (n, n) -> (r, n)
+        a_r = a[self.uniq_rows].to(weight.dtype)  # (r, m)
+        if self.transposed:  # plan matrix is W itself: W += a_r^T @ p
+            weight.addmm_(a_r.t(), p.to(weight.dtype))
+        else:  # plan matrix is W^T: W += p^T @ a_r
+            weight.addmm_(p.t().to(weight.dtype), a_r)
+
+
+def _rotate_activations(t: int, r: int, m: int, n: int) -> bool:
+    """Is (left a_r^T)^T right cheaper than forming G = left^T right and rotating r of its rows?"""
+    return t * r * (m + n) <= t * m * n + r * m * n
 
 
 def _sampled_addmm(pattern: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
@@ -241,8 +249,9 @@ class SparseGradLinear(nn.Module):
                         f"basis {name} has shape {tuple(basis.shape)} but this {in_features}->{out_features} "
                         f"layer needs ({d}, {d}); the bases were computed for another model or layer"
                     )
-            self.register_buffer("U", U.to(device=device, dtype=dtype or U.dtype))
-            self.register_buffer("V", V.to(device=device, dtype=dtype or V.dtype))
+            # row-major storage: the sparse kernels copy anything else on every call
+            self.register_buffer("U", U.to(device=device, dtype=dtype or U.dtype).contiguous())
+            self.register_buffer("V", V.to(device=device, dtype=dtype or V.dtype).contiguous())
 
         if mode == "fixed":
             if support is None:
@@ -380,11 +389,10 @@ class SparseGradLinear(nn.Module):
         basis_dtype = self.U.dtype
         if self.mode == "fixed":
             plan = self._support_plan()
+            x, dy = x.to(basis_dtype), dy.to(basis_dtype)
             if plan.transposed:  # plan matrix is G^T = dy^T x, (d_out, d_in)
-                g_plan, a, b = (dy.t() @ x).to(basis_dtype), self.V, self.U
-            else:  # G = x^T dy, (d_in, d_out)
-                g_plan, a, b = (x.t() @ dy).to(basis_dtype), self.U, self.V
-            return plan.gather(g_plan, a, b).to(self.values.dtype)
+                return plan.gather(dy, x, self.V, self.U).to(self.values.dtype)
+            return plan.gather(x, dy, self.U, self.V).to(self.values.dtype)  # G = x^T dy, (d_in, d_out)
 
         # dynamic: the full transformed gradient U G V^T, then its exact top-k
         t, d_in, d_out = x.shape[0], self.in_features, self.out_features
