@@ -126,3 +126,20 @@ def test_hf_trainer_with_our_optimizer(minilm, minilm_bases, bbc_batches, tmp_pa
     for name, layer in sparsegrad.sparse_layers(minilm).items():
         assert not torch.equal(layer.values, before[name]), name
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0)  # the scheduler drove our optimizer
+
+
+@pytest.mark.parametrize("mode", ["fixed", "dynamic", "meprop"])
+def test_one_step_updates_exactly_k_entries(mode):
+    """After one optimizer step exactly k trained entries moved (weight decay included)."""
+    torch.manual_seed(0)
+    d_in, d_out, k = 16, 24, 10
+    U = torch.linalg.qr(torch.randn(d_in, d_in))[0]
+    V = torch.linalg.qr(torch.randn(d_out, d_out))[0]
+    layer = sparsegrad.SparseGradLinear.from_linear(
+        nn.Linear(d_in, d_out), k=k, mode=mode, U=U, V=V, energy=torch.rand(d_in, d_out))
+    layer.bias.requires_grad_(False)
+    before = layer.trainable.detach().clone()
+    opt = sparsegrad.optimizer(layer, lr=0.1, weight_decay=0.1)
+    layer(torch.randn(8, d_in)).square().sum().backward()
+    opt.step()
+    assert int((layer.trainable != before).sum()) == k
