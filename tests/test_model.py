@@ -138,3 +138,12 @@ def test_decoders_round_trip(arch):
     sparsegrad.merge(model)
     assert type(model.get_submodule(next(iter(bases.layers)))).__name__ == kind
     torch.testing.assert_close(logits(model, batches[0]), trained, rtol=0, atol=1e-5)
+
+
+def test_bases_stay_shared_when_the_model_moves(minilm, minilm_bases):
+    sparsegrad.apply(minilm, minilm_bases, density=0.01)
+    minilm.to(torch.float64)  # a conversion that copies every tensor
+    layers = sparsegrad.sparse_layers(minilm)
+    first, other = layers["bert.encoder.layer.0.output.dense"], layers["bert.encoder.layer.5.output.dense"]
+    assert first.V.dtype == torch.float64 and first.V is other.V and first.U is other.U
+    assert "U" not in "".join(minilm.state_dict())  # bases are held by reference, not saved per layer

@@ -29,6 +29,7 @@ Modes:
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +37,19 @@ import torch.nn.functional as F
 from torch import nn
 
 MODES = ("fixed", "dynamic", "meprop")
+# id(source basis) -> (weakref to it, fn, converted basis) of the latest Module._apply
+# (model.to(...), .double(), ...): a basis shared by many layers is converted once, so
+# that the layers keep sharing it.
+_CONVERTED_BASES: dict[int, tuple] = {}
+
+
+def _convert_shared(basis: torch.Tensor, fn) -> torch.Tensor:
+    entry = _CONVERTED_BASES.get(id(basis))
+    if entry is None or entry[0]() is not basis or entry[1] is not fn:
+        key = id(basis)
+        ref = weakref.ref(basis, lambda _, key=key: _CONVERTED_BASES.pop(key, None))
+        entry = _CONVERTED_BASES[key] = (ref, fn, fn(basis))
+    return entry[2]
 _TRAINABLE_NAME = {"fixed": "values", "dynamic": "delta", "meprop": "weight"}
 
 # Rows of dy are gathered (the zero rows skipped) when at most this share is non-zero.
@@ -238,8 +252,8 @@ class SparseGradLinear(nn.Module):
         self.original_type = "Linear"
 
         if mode == "meprop":
-            self.register_buffer("U", None)
-            self.register_buffer("V", None)
+            self.register_buffer("U", None, persistent=False)
+            self.register_buffer("V", None, persistent=False)
         else:
             for name, basis, d in (("U", U, in_features), ("V", V, out_features)):
                 if basis is None:
@@ -249,9 +263,11 @@ class SparseGradLinear(nn.Module):
                         f"basis {name} has shape {tuple(basis.shape)} but this {in_features}->{out_features} "
                         f"layer needs ({d}, {d}); the bases were computed for another model or layer"
                     )
-            # row-major storage: the sparse kernels copy anything else on every call
-            self.register_buffer("U", U.to(device=device, dtype=dtype or U.dtype).contiguous())
-            self.register_buffer("V", V.to(device=device, dtype=dtype or V.dtype).contiguous())
+            # Shared by every layer of a role, and held by reference: not in the state_dict
+            # (checkpoints stay small; load them into a model converted with the same bases).
+            # Row-major storage: the sparse kernels copy anything else on every call.
+            self.register_buffer("U", U.to(device=device, dtype=dtype or U.dtype).contiguous(), persistent=False)
+            self.register_buffer("V", V.to(device=device, dtype=dtype or V.dtype).contiguous(), persistent=False)
 
         if mode == "fixed":
             if support is None:
@@ -331,6 +347,15 @@ class SparseGradLinear(nn.Module):
         return out
 
     # ------------------------------------------------------------------ state
+    def _apply(self, fn, recurse=True):
+        bases = {name: self._buffers.pop(name) for name in ("U", "V") if self._buffers.get(name) is not None}
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            for name, basis in bases.items():
+                self._buffers[name] = _convert_shared(basis, fn)
+        return result
+
     @property
     def trainable(self) -> nn.Parameter:
         """The tensor the optimizer updates: values (fixed), delta (dynamic) or weight (meprop)."""

@@ -5,7 +5,7 @@
 Methods at equal trainable entries k = density * d_in * d_out: nn.Linear full
 fine-tuning (torch AdamW), LoRA (peft, rank k / (d_in + d_out)), MeProp, and
 SparseGrad `dynamic` / `fixed` (sparsegrad.optimizer). Each method runs in a
-fresh process so that its peak memory is its own: peak RSS above the process's
+fresh process (in interleaved rounds, the fastest round kept) so that its peak memory is its own: peak RSS above the process's
 RSS after imports on CPU, max allocated on CUDA. "state" counts gradients,
 optimizer state and the buffers a method adds, exactly; the bases U, V are
 listed apart, since a model shares one pair across all blocks of a role.
@@ -141,17 +141,24 @@ def run_worker(method: str, d_in: int, d_out: int, tokens: int, density: float, 
             **info}
 
 
-def run(tokens: int, density: float, iters: int, device: str) -> list[dict]:
-    rows = []
-    for d_in, d_out in SHAPES:
-        for method in METHODS:
-            cmd = [sys.executable, "-m", "sparsegrad.bench.layer", "--worker", method, "--shape", f"{d_in}x{d_out}",
-                   "--tokens", str(tokens), "--density", str(density), "--iters", str(iters), "--device", device]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-            print(f"  {d_in}->{d_out} {method}: {rows[-1]['step_s'] * 1e3:.1f} ms", file=sys.stderr)
+def run(tokens: int, density: float, iters: int, device: str, repeats: int = 2) -> list[dict]:
+    """Every (shape, method) in a fresh process, `repeats` interleaved rounds; best round kept."""
+    best: dict[tuple, dict] = {}
+    for round_ in range(repeats):
+        for d_in, d_out in SHAPES:
+            for method in METHODS:
+                cmd = [sys.executable, "-m", "sparsegrad.bench.layer", "--worker", method, "--shape", f"{d_in}x{d_out}",
+                       "--tokens", str(tokens), "--density", str(density), "--iters", str(iters), "--device", device]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                row = json.loads(out.strip().splitlines()[-1])
+                key = (d_in, d_out, method)
+                if key not in best or row["step_s"] < best[key]["step_s"]:
+                    best[key] = row
+                print(f"  round {round_ + 1}/{repeats} {d_in}->{d_out} {method}: {row['step_s'] * 1e3:.1f} ms",
+                      file=sys.stderr)
+    rows = list(best.values())
     for row in rows:
-        ref = next(r for r in rows if r["method"] == "full_ft" and r["d_in"] == row["d_in"])
+        ref = best[(row["d_in"], row["d_out"], "full_ft")]
         row["time_vs_full_ft"] = row["step_s"] / ref["step_s"]
         row["peak_vs_full_ft"] = row["peak_bytes"] / ref["peak_bytes"]
         row["state_vs_full_ft"] = row["state_bytes"] / ref["state_bytes"]
@@ -177,6 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokens", type=int, default=16 * 128, help="tokens per step (batch x sequence)")
     parser.add_argument("--density", type=float, default=0.01, help="trained share of each layer's entries")
     parser.add_argument("--iters", type=int, default=10, help="timed steps per method (after 2 warm-up steps)")
+    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the fastest is kept")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the rows to this JSON file")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
@@ -186,9 +194,9 @@ def main(argv: list[str] | None = None) -> None:
         d_in, d_out = map(int, args.shape.split("x"))
         print(json.dumps(run_worker(args.worker, d_in, d_out, args.tokens, args.density, args.iters, args.device)))
         return
-    rows = run(args.tokens, args.density, args.iters, args.device)
+    rows = run(args.tokens, args.density, args.iters, args.device, args.repeats)
     meta = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "tokens": args.tokens, "density": args.density}
+            "tokens": args.tokens, "density": args.density, "iters": args.iters, "repeats": args.repeats}
     print(f"\nLayer benchmark ({meta})\n")
     print(table(rows))
     if args.json:
