@@ -84,7 +84,7 @@ def top_share(energy: torch.Tensor, share: float = 0.01) -> float:
     return float(torch.topk(flat, k).values.sum() / flat.sum().clamp_min(1e-300))
 
 
-@dataclass
+@dataclass(repr=False)
 class Bases:
     """Output of the preliminary phase.
 
@@ -100,6 +100,11 @@ class Bases:
     layers: dict[str, str]
     energy: dict[str, torch.Tensor] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        roles = ", ".join(f"{k}: U {tuple(self.U[k].shape)}, V {tuple(self.V[k].shape)}" for k in self.U)
+        return (f"Bases({len(self.U)} pair(s) for {len(self.layers)} layers, n_steps={self.info.get('n_steps')}, "
+                f"energy for {len(self.energy)} layers; {roles})")
 
     def for_layer(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self.layers:
@@ -258,6 +263,8 @@ def compute_bases(
         tap.run(steps, lambda name, g: grams[keys[name]].add(g), "sparsegrad bases", progress)
         U, V, spectra = {}, {}, {}
         for key, acc in grams.items():
+            if acc.n == 0:
+                raise RuntimeError(f"no gradient reached {key!r} in {len(steps)} steps: is it used by the forward pass?")
             U[key], V[key], s_in, s_out = acc.bases()
             spectra[key] = {"slices": acc.n, "top_singular_in": float(s_in[0]), "top_singular_out": float(s_out[0])}
         del grams
