@@ -15,7 +15,7 @@ def test_matches_torch_adamw_on_a_full_support(lazy):
     torch.manual_seed(0)
     p_ref = nn.Parameter(torch.randn(6, 5, dtype=torch.float64))
     p = nn.Parameter(p_ref.detach().clone())
-    kwargs = dict(lr=0.05, betas=(0.8, 0.95), eps=1e-7, weight_decay=0.1)
+    kwargs = {"lr": 0.05, "betas": (0.8, 0.95), "eps": 1e-7, "weight_decay": 0.1}
     ref = torch.optim.AdamW([p_ref], **kwargs)
     ours = SparseAdamW([p], lazy=lazy, **kwargs)
     for _ in range(5):

@@ -15,6 +15,17 @@ from .targets import DEFAULT_TARGETS, find_targets
 __version__ = "0.1.0"
 
 __all__ = [
-    "Bases", "GramAccumulator", "compute_bases", "SparseGradLinear", "apply", "merge", "sparse_layers",
-    "trainable_parameters", "SparseAdamW", "optimizer", "DEFAULT_TARGETS", "find_targets", "__version__",
+    "DEFAULT_TARGETS",
+    "Bases",
+    "GramAccumulator",
+    "SparseAdamW",
+    "SparseGradLinear",
+    "__version__",
+    "apply",
+    "compute_bases",
+    "find_targets",
+    "merge",
+    "optimizer",
+    "sparse_layers",
+    "trainable_parameters",
 ]

@@ -16,6 +16,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Self
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -134,7 +135,7 @@ class Bases:
                 os.remove(tmp)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Bases":
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Bases:
         from safetensors import safe_open
 
         if not os.path.isfile(path):
@@ -175,7 +176,7 @@ class _GradientTap:
         self.model, self.layers = model, layers
         self.fn = None
 
-    def __enter__(self) -> "_GradientTap":
+    def __enter__(self) -> Self:
         params = list(self.model.parameters())
         self._saved = [(p, p.requires_grad, p.grad) for p in params]
         for p in params:
@@ -267,7 +268,7 @@ def compute_bases(
                 raise RuntimeError(f"no gradient reached {key!r} in {len(steps)} steps: is it used by the forward pass?")
             U[key], V[key], s_in, s_out = acc.bases()
             spectra[key] = {"slices": acc.n, "top_singular_in": float(s_in[0]), "top_singular_out": float(s_out[0])}
-        del grams
+        grams.clear()  # free the Gram sums before the energy pass
 
         energy: dict[str, torch.Tensor] = {}
         compaction: dict[str, dict[str, float]] = {}
@@ -284,8 +285,8 @@ def compute_bases(
                 original[name] += g.square()
 
             tap.run(steps, record, "sparsegrad energy", progress)
-            for name in energy:
-                compaction[name] = {"original": top_share(original[name]), "transformed": top_share(energy[name])}
+            for name, e in energy.items():
+                compaction[name] = {"original": top_share(original[name]), "transformed": top_share(e)}
 
     info = {"n_steps": len(steps), "group_by": group_by, "targets": sorted({keys[n] for n in layers}),
             "spectra": spectra, "top1pct_energy_share": compaction}

@@ -95,7 +95,7 @@ class _SupportPlan:
     n: int  # plan columns
 
     @staticmethod
-    def build(rows: torch.Tensor, cols: torch.Tensor, d_in: int, d_out: int) -> "_SupportPlan":
+    def build(rows: torch.Tensor, cols: torch.Tensor, d_in: int, d_out: int) -> _SupportPlan:
         n_rows, n_cols = rows.unique().numel(), cols.unique().numel()
         transposed = n_cols < n_rows
         if transposed:  # rotate the (fewer) columns: work on the transpose
@@ -301,7 +301,7 @@ class SparseGradLinear(nn.Module):
         V: torch.Tensor | None = None,
         energy: torch.Tensor | None = None,
         support: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> "SparseGradLinear":
+    ) -> SparseGradLinear:
         """Wrap an nn.Linear (or transformers' Conv1D); outputs are unchanged.
 
         In "fixed" mode the support is `support`, or the top-k entries of

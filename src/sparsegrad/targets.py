@@ -7,7 +7,7 @@ regular expression that must match the whole module name.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn

@@ -166,8 +166,9 @@ def run(tokens: int, density: float, iters: int, device: str, repeats: int = 2) 
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| shape | method | trainable | step ms | x full FT | peak MB | x full FT | state MB | x full FT "
-             "| bases MB | note |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    header = ("| shape | method | trainable | step ms | x full FT | peak MB | x full FT | state MB | x full FT "
+              "| bases MB | note |")
+    lines = [header, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         note = f"rank {r['rank']}" if "rank" in r else (
             f"support {r['support_rows']} rows x {r['support_cols']} cols" if "support_rows" in r else "")
