@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .targets import _is_conv1d, linear_weight
+
 MODES = ("fixed", "dynamic", "meprop")
 # id(source basis) -> (weakref to it, fn, converted basis) of the latest Module._apply
 # (model.to(...), .double(), ...): a basis shared by many layers is converted once, so
@@ -307,8 +309,6 @@ class SparseGradLinear(nn.Module):
         In "fixed" mode the support is `support`, or the top-k entries of
         `energy` (d_in, d_out) from the preliminary phase.
         """
-        from .targets import _is_conv1d, linear_weight
-
         w = linear_weight(module)
         d_out, d_in = w.shape
         if mode == "fixed" and support is None:
