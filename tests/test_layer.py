@@ -198,3 +198,17 @@ def test_bad_arguments_name_the_fix():
         SparseGradLinear.from_linear(lin, k=3, mode="fixed", U=U, V=V)
     with pytest.raises(ValueError, match="repeated"):
         SparseGradLinear.from_linear(lin, k=2, mode="fixed", U=U, V=V, support=([1, 1], [2, 2]))
+
+
+def test_low_precision_weight_is_refused_once_values_change():
+    layer, _ = make_layer("fixed")
+    layer = layer.to(torch.bfloat16)
+    x = torch.randn(3, D_IN, dtype=torch.bfloat16)
+    with torch.no_grad():
+        layer.values.zero_()
+        layer._merged.zero_()
+    layer(x)  # nothing to fold yet: runs
+    with torch.no_grad():
+        layer.values.add_(1.0)
+    with pytest.raises(TypeError, match="float32 or float64.*torch.autocast"):
+        layer(x)

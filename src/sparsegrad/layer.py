@@ -39,6 +39,13 @@ from torch import nn
 from .targets import _is_conv1d, linear_weight
 
 MODES = ("fixed", "dynamic", "meprop")
+_TRAINABLE_NAME = {"fixed": "values", "dynamic": "delta", "meprop": "weight"}
+
+# Rows of dy are gathered (the zero rows skipped) when at most this share is non-zero.
+_ROW_SKIP_BELOW = 0.9
+# Column block of the in-place rotation of a dense G (bounds the temporary to (r, block)).
+_ROTATE_BLOCK = 256
+
 # id(source basis) -> (weakref to it, fn, converted basis) of the latest Module._apply
 # (model.to(...), .double(), ...): a basis shared by many layers is converted once, so
 # that the layers keep sharing it.
@@ -52,12 +59,6 @@ def _convert_shared(basis: torch.Tensor, fn) -> torch.Tensor:
         ref = weakref.ref(basis, lambda _, key=key: _CONVERTED_BASES.pop(key, None))
         entry = _CONVERTED_BASES[key] = (ref, fn, fn(basis))
     return entry[2]
-_TRAINABLE_NAME = {"fixed": "values", "dynamic": "delta", "meprop": "weight"}
-
-# Rows of dy are gathered (the zero rows skipped) when at most this share is non-zero.
-_ROW_SKIP_BELOW = 0.9
-# Column block of the in-place rotation of a dense G (bounds the temporary to (r, block)).
-_ROTATE_BLOCK = 256
 
 
 def check_k(k: int, d_in: int, d_out: int) -> int:
@@ -375,6 +376,11 @@ class SparseGradLinear(nn.Module):
             return
         current = self.trainable.detach()
         diff = current - self._merged
+        if self.weight.dtype not in (torch.float32, torch.float64) and bool(diff.any()):
+            raise TypeError(
+                f"SparseGradLinear keeps its frozen weight in float32 or float64, not {self.weight.dtype}; "
+                "load the model in float32 and train in bfloat16 under torch.autocast"
+            )
         if self.mode == "fixed":
             if not bool(diff.any()):
                 return
@@ -385,11 +391,6 @@ class SparseGradLinear(nn.Module):
                 return
             rows, cols = flat // self.out_features, flat % self.out_features
             plan, values = _SupportPlan.build(rows, cols, self.in_features, self.out_features), diff.reshape(-1)[flat]
-        if self.weight.dtype not in (torch.float32, torch.float64):
-            raise TypeError(
-                f"SparseGradLinear keeps its frozen weight in float32 or float64, not {self.weight.dtype}; "
-                "load the model in float32 and train in bfloat16 under torch.autocast"
-            )
         a, b = (self.V, self.U) if plan.transposed else (self.U, self.V)
         plan.fold(self.weight.data, values.to(a.dtype), a, b)
         self._merged.copy_(current)
