@@ -112,6 +112,10 @@ class _SupportPlan:
         crow[1:] = counts.cumsum(0)
         return _SupportPlan(transposed, order, uniq_rows, crow, cols, n)
 
+    def sides(self, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (d_in-side, d_out-side) pair, e.g. (U, V) or (x, dy), in plan orientation."""
+        return (second, first) if self.transposed else (first, second)
+
     def _csr(self, values: torch.Tensor) -> torch.Tensor:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
@@ -391,7 +395,7 @@ class SparseGradLinear(nn.Module):
                 return
             rows, cols = flat // self.out_features, flat % self.out_features
             plan, values = _SupportPlan.build(rows, cols, self.in_features, self.out_features), diff.reshape(-1)[flat]
-        a, b = (self.V, self.U) if plan.transposed else (self.U, self.V)
+        a, b = plan.sides(self.U, self.V)
         plan.fold(self.weight.data, values.to(a.dtype), a, b)
         self._merged.copy_(current)
 
@@ -415,10 +419,9 @@ class SparseGradLinear(nn.Module):
         basis_dtype = self.U.dtype
         if self.mode == "fixed":
             plan = self._support_plan()
-            x, dy = x.to(basis_dtype), dy.to(basis_dtype)
-            if plan.transposed:  # plan matrix is G^T = dy^T x, (d_out, d_in)
-                return plan.gather(dy, x, self.V, self.U).to(self.values.dtype)
-            return plan.gather(x, dy, self.U, self.V).to(self.values.dtype)  # G = x^T dy, (d_in, d_out)
+            # plan matrix: G = x^T dy (d_in, d_out), or G^T = dy^T x when transposed
+            left, right = plan.sides(x.to(basis_dtype), dy.to(basis_dtype))
+            return plan.gather(left, right, *plan.sides(self.U, self.V)).to(self.values.dtype)
 
         # dynamic: the full transformed gradient U G V^T, then its exact top-k
         t, d_in, d_out = x.shape[0], self.in_features, self.out_features

@@ -5,8 +5,9 @@
 Methods at equal trainable entries k = density * d_in * d_out: nn.Linear full
 fine-tuning (torch AdamW), LoRA (peft, rank k / (d_in + d_out)), MeProp, and
 SparseGrad `dynamic` / `fixed` (sparsegrad.optimizer). Each method runs in a
-fresh process (in interleaved rounds, the fastest round kept) so that its peak memory is its own: peak RSS above the process's
-RSS after imports on CPU, max allocated on CUDA. "state" counts gradients,
+fresh process (in interleaved rounds, the fastest round kept) so that its
+peak memory is its own: peak RSS above the process's RSS after imports on
+CPU, max allocated on CUDA. "state" counts gradients,
 optimizer state and the buffers a method adds, exactly; the bases U, V are
 listed apart, since a model shares one pair across all blocks of a role.
 Times are medians; every figure is also given as a ratio to full FT measured
