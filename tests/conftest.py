@@ -56,3 +56,14 @@ def bbc_batches(minilm_path):
         enc["labels"] = torch.tensor([labels[i] for i in idx])
         batches.append(dict(enc))
     return batches
+
+
+GLUE_DIR = __import__("pathlib").Path(__file__).resolve().parents[1].parent / "shared" / "glue"
+
+
+@pytest.fixture(scope="session")
+def glue_dir():
+    """The real GLUE files in ../shared/glue (present in CI; a user's clone has none)."""
+    if not (GLUE_DIR / "SST-2" / "train.tsv").is_file():
+        pytest.skip(f"real GLUE files not found at {GLUE_DIR} (they ship in ../shared/glue beside the repository)")
+    return GLUE_DIR

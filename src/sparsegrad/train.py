@@ -10,6 +10,7 @@ and `resume=True` continues a killed run to the same final metrics.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import platform
 import resource
 import shutil
@@ -51,7 +52,7 @@ class RunConfig:
     rest: str = "all"                   # "all" (paper) or "head"
     targets: list[str] | None = None
     lora_rank: int | None = None        # None: matched to the sparse budget
-    epochs: int | None = None           # None: the task's default (GLUE 20, bbcnews 3)
+    epochs: int | None = None           # None: the task's default (GLUE 20, bbcnews 2)
     max_steps: int | None = None
     batch_size: int = 16
     lr: float = 1e-4
@@ -332,7 +333,7 @@ def finetune(
         last = state.step >= total_steps or state.epoch >= epochs
         if (end_of_epoch if cfg.eval_steps is None else state.step % cfg.eval_steps == 0) or last:
             metrics = evaluate(model, tokenizer, evals[select_split], cfg, device, task)
-            score = metrics[task.metric]
+            score = metrics[task.metric] if math.isfinite(metrics[task.metric]) else float("-inf")  # diverged
             state.history.append({"step": state.step, "epoch": state.step / len(batcher), "loss": loss.item(),
                                   select_split: metrics})
             if state.best_score is None or score > state.best_score:

@@ -1,0 +1,6 @@
+"""`python -m sparsegrad ...` is the `sparsegrad` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
