@@ -40,8 +40,8 @@ LAYOUTS = {
     "RTE": ("index\tsentence1\tsentence2\tlabel\n", "{i}\tIt rains {i}.\tIt is wet.\t{nli}\n"),
     "QNLI": ("index\tquestion\tsentence\tlabel\n", "{i}\tWhat is {i}?\t{i} is a number.\t{nli}\n"),
     "QQP": ("id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n", "{i}\t1\t2\tHow is {i}?\tWhat is {i}?\t{b}\n"),
-    "MNLI": ("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
-             "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n",
+    "MNLI": (("index\tpromptID\tpairID\tgenre\tsentence1_binary_parse\tsentence2_binary_parse\tsentence1_parse\t"
+             "sentence2_parse\tsentence1\tsentence2\tlabel1\tgold_label\n"),
              "{i}\t1\t1g\tfiction\t( x )\t( y )\t(x)\t(y)\tA cat {i}.\tAn animal {i}.\t{mnli}\t{mnli}\n"),
 }
 

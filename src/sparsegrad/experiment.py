@@ -70,8 +70,8 @@ def claim_folder(out: Path, command: dict, resume: bool) -> None:
         if not resume:
             raise RunFolderError(f"--output-dir {out} already holds a run: pass --resume to continue it, "
                                  "or choose another --output-dir")
-        diff = [f"{k} {saved.get(k)!r} -> {command.get(k)!r}" for k in sorted(set(saved) | set(command))
-                if saved.get(k) != command.get(k)]
+        old, new = _flat(saved), _flat(command)
+        diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         if diff:
             raise RunFolderError(f"--output-dir {out} holds a different run ({'; '.join(diff)}): resume it with "
                                  "its own options, or choose another --output-dir")
@@ -81,6 +81,11 @@ def claim_folder(out: Path, command: dict, resume: bool) -> None:
                              "--output-dir")
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(saved_file, command)
+
+
+def _flat(command: dict) -> dict:
+    """command.json with its config inlined: {"lr": ..., "seeds": ...}."""
+    return {**{k: v for k, v in command.items() if k != "config"}, **command.get("config", {})}
 
 
 # ---------------------------------------------------------------- hyper-parameter search
@@ -203,7 +208,7 @@ def run_compare(methods: list[str], finetune_argv: list[str], out: str | Path, *
         if resume:
             argv.append("--resume")
         print(f"== {label}: {' '.join(argv[3:])}", file=sys.stderr, flush=True)
-        if subprocess.run(argv).returncode != 0:
+        if subprocess.run(argv, check=False).returncode != 0:
             failed.append(label)
             continue
         rows += json.loads((out / label / "summary.json").read_text())["rows"]

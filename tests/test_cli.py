@@ -1,0 +1,192 @@
+"""The `sparsegrad` command end to end on real data: every method learns (beats the majority
+class), compare and Optuna search write their tables, a killed run resumes to the same result,
+and each bad input is one clear line with a non-zero exit code and nothing lost."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sparsegrad.cli import main
+
+SLICE = ["--task", "sst2", "--max-train-samples", "320", "--max-eval-samples", "200", "--max-length", "48",
+         "--epochs", "2", "--no-progress"]
+
+
+def _results(out: Path, seed: int = 0) -> dict:
+    return json.loads((out / f"seed-{seed}" / "results.json").read_text())
+
+
+@pytest.mark.parametrize("method", ["ft", "lora", "meprop", "sparsegrad"])
+def test_every_method_learns_sst2(glue_dir, tmp_path, method, capsys):
+    out = tmp_path / method
+    assert main(["finetune", *SLICE, "--data-dir", str(glue_dir), "--method", method, "--output-dir", str(out)]) == 0
+    r = _results(out)
+    assert r["score"] > r["majority_baseline"]["accuracy"] + 0.1, r["history"]
+    assert r["method"]["method"] == method and r["method"]["rest"] == "all"
+    assert r["train_steps"] == 40 and r["steps_per_s"] > 0 and r["peak_memory_mb"] > 0
+    assert (out / "seed-0" / "best" / "model.safetensors").is_file()
+    assert not (out / "seed-0" / "checkpoints").exists()  # removed once results.json is written
+    table = capsys.readouterr().out
+    assert "| sst2 |" in table and method in table
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"][0]["mean"] == pytest.approx(r["score"])
+    if method == "lora":
+        assert abs(r["method"]["trainable_mlp"] - r["method"]["sparse_budget"]) < 12 * (384 + 1536)
+    if method == "sparsegrad":
+        assert (out / "bases.safetensors").is_file() and r["bases"]["source"] == "computed"
+
+
+def test_default_task_bbc_news_learns(tmp_path):
+    """The embedded default (MiniLM on BBC News), cut down to a minute."""
+    out = tmp_path / "bbc"
+    argv = ["finetune", "--max-train-samples", "160", "--max-eval-samples", "120", "--max-length", "64",
+            "--epochs", "1", "--lr", "3e-4", "--bases-steps", "3", "--no-progress", "--output-dir", str(out)]
+    assert main(argv) == 0
+    r = _results(out)
+    assert r["task"] == "bbcnews" and r["method"]["method"] == "sparsegrad" and r["method"]["mode"] == "fixed"
+    assert r["score"] > r["majority_baseline"]["accuracy"] + 0.2
+
+
+def test_regression_task_runs_with_pearson(tmp_path):
+    rows = "".join(f"{i}\tg\tf\ty\t{i}\ts\ts\tA man plays {w}.\tA man plays {w if i % 2 else 'chess'}.\t"
+                   f"{5.0 if i % 2 else 1.0}\n" for i, w in enumerate(["guitar", "piano", "drums", "flute"] * 8))
+    head = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore\n"
+    (tmp_path / "glue" / "STS-B").mkdir(parents=True)
+    for split in ("train", "dev"):
+        (tmp_path / "glue" / "STS-B" / f"{split}.tsv").write_text(head + rows)
+    out = tmp_path / "stsb"
+    assert main(["finetune", "--task", "stsb", "--data-dir", str(tmp_path / "glue"), "--method", "meprop",
+                 "--epochs", "3", "--lr", "3e-4", "--no-progress", "--output-dir", str(out)]) == 0
+    r = _results(out)
+    assert r["metric"] == "pearson" and set(r["final"]["dev"]) == {"pearson", "spearman"}
+    assert r["score"] > 0.5  # learns which pairs match (a constant predictor scores 0)
+
+
+def test_compare_prints_one_table(glue_dir, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    argv = ["compare", "--methods", "ft", "sparsegrad-dynamic", "--task", "sst2", "--data-dir", str(glue_dir),
+            "--max-train-samples", "64", "--max-eval-samples", "64", "--max-length", "32", "--max-steps", "4",
+            "--bases-steps", "2", "--no-progress", "--output-dir", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert "| sst2 | ft |" in table and "| sst2 | sparsegrad-dynamic |" in table
+    rows = json.loads((out / "summary.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["ft", "sparsegrad-dynamic"]
+    assert rows[1]["trainable_mlp"] == 12 * round(0.01 * 384 * 1536) < rows[0]["trainable_mlp"]
+    assert (out / "summary.md").read_text().count("| sst2 |") == 2
+
+
+def test_optimize_runs_trials_and_resumes_the_study(glue_dir, tmp_path):
+    out = tmp_path / "hpo"
+    argv = ["finetune", "--task", "sst2", "--data-dir", str(glue_dir), "--method", "lora", "--max-train-samples",
+            "48", "--max-eval-samples", "48", "--max-length", "32", "--max-steps", "2", "--optimize", "2",
+            "--no-progress", "--output-dir", str(out)]
+    assert main(argv) == 0
+    search = json.loads((out / "summary.json").read_text())["search"]
+    assert len(search["trials"]) == 2
+    for t in search["trials"]:
+        assert 1e-6 <= t["params"]["lr"] <= 1e-1 and t["params"]["batch_size"] in (8, 16, 32)
+    r = _results(out)
+    assert r["config"]["lr"] == search["best_params"]["lr"]
+    assert main([*argv, "--resume"]) == 0  # the finished study is reused: no new trials
+    assert len(json.loads((out / "summary.json").read_text())["search"]["trials"]) == 2
+
+
+def _cli(args: list[str]) -> list[str]:
+    return [sys.executable, "-m", "sparsegrad", "finetune", *args]
+
+
+def test_resume_after_kill_9_reaches_the_same_result(glue_dir, tmp_path):
+    args = ["--task", "sst2", "--data-dir", str(glue_dir), "--max-train-samples", "160", "--max-eval-samples",
+            "96", "--max-length", "32", "--epochs", "2", "--eval-steps", "5", "--save-steps", "2",
+            "--bases-steps", "2", "--no-progress"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run(_cli([*args, "--output-dir", str(whole)]), env=env, check=True, capture_output=True)
+
+    proc = subprocess.Popen(_cli([*args, "--output-dir", str(killed)]), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    latest = killed / "seed-0" / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if latest.is_file() and int(latest.read_text().split("-")[1]) >= 7:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "seed-0" / "results.json").exists()
+
+    rerun = subprocess.run(_cli([*args, "--output-dir", str(killed), "--resume"]), env=env, capture_output=True,
+                           text=True, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    a, b = _results(whole), _results(killed)
+    assert b["resumed_at"] and b["resumed_at"][0] >= 6
+    assert b["final"] == a["final"] and b["best_step"] == a["best_step"]
+    assert [h["dev"] for h in b["history"]] == [h["dev"] for h in a["history"]]
+    assert [h["loss"] for h in b["history"]] == [h["loss"] for h in a["history"]]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _error(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and err[-1].startswith("sparsegrad: error: ")
+    return err[-1]
+
+
+def test_bad_inputs_are_one_clear_line(glue_dir, tmp_path, capsys):
+    glue = ["--data-dir", str(glue_dir)]
+    assert "unknown task 'sst3'" in _error(["finetune", "--task", "sst3"], capsys)
+    assert "missing data file" in _error(["finetune", "--task", "rte", *glue], capsys)
+
+    bad = tmp_path / "bad"
+    (bad / "SST-2").mkdir(parents=True)
+    (bad / "SST-2" / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\tnegative\n")
+    (bad / "SST-2" / "dev.tsv").write_text("sentence\tlabel\ngood\t1\n")
+    assert "label 'negative' is not one of the sst2 labels" in _error(
+        ["finetune", "--task", "sst2", "--data-dir", str(bad)], capsys)
+    (bad / "SST-2" / "train.tsv").write_text("sentence,label\ngood,1\n")
+    assert "no column ['sentence', 'label']" in _error(["finetune", "--task", "sst2", "--data-dir", str(bad)], capsys)
+
+    small = ["--task", "sst2", *glue, "--max-train-samples", "32", "--max-eval-samples", "32"]
+    (tmp_path / "broken").mkdir()
+    assert "holds no config.json" in _error(["finetune", *small, "--model", str(tmp_path / "broken")], capsys)
+    (tmp_path / "broken" / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    assert "could not load a model" in _error(["finetune", *small, "--model", str(tmp_path / "broken")], capsys)
+    assert "match no linear layer" in _error(["finetune", *small, "--targets", "mlp.up_proj"], capsys)
+    assert "density=1.5 is out of range" in _error(["finetune", *small, "--density", "1.5"], capsys)
+    assert "--n-params" in _error(["finetune", *small, "--n-params", "10000000"], capsys)
+    assert "--density or --n-params" in _error(["finetune", *small, "--density", "0.01", "--n-params", "5"], capsys)
+    assert "--bases" in _error(["finetune", *small, "--bases", str(tmp_path / "none.safetensors")], capsys)
+
+    # an output folder that holds something else is never touched
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "notes.txt").write_text("my notes")
+    assert "not empty and holds no sparsegrad run" in _error(
+        ["finetune", *small, "--max-steps", "1", "--output-dir", str(other)], capsys)
+    assert (other / "notes.txt").read_text() == "my notes" and len(list(other.iterdir())) == 1
+
+    run = tmp_path / "run"
+    assert main(["finetune", *small, "--method", "ft", "--max-steps", "2", "--no-progress",
+                 "--output-dir", str(run)]) == 0
+    before = _digest(run)
+    assert "already holds a run: pass --resume" in _error(
+        ["finetune", *small, "--method", "ft", "--max-steps", "2", "--output-dir", str(run)], capsys)
+    line = _error(["finetune", *small, "--method", "ft", "--max-steps", "2", "--lr", "0.001", "--resume",
+                   "--output-dir", str(run)], capsys)
+    assert "holds a different run (lr 0.0001 -> 0.001)" in line
+    assert _digest(run) == before
