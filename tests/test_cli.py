@@ -44,14 +44,16 @@ def test_every_method_learns_sst2(glue_dir, tmp_path, method, capsys):
         assert (out / "bases.safetensors").is_file() and r["bases"]["source"] == "computed"
 
 
-def test_default_task_bbc_news_learns(tmp_path):
-    """The embedded default (MiniLM on BBC News), cut down to a minute."""
+@pytest.mark.parametrize("method", [None, "ft", "lora", "meprop"])
+def test_default_task_bbc_news_learns(tmp_path, method):
+    """The embedded default (MiniLM on BBC News; SparseGrad fixed unless a method is named), cut down."""
     out = tmp_path / "bbc"
     argv = ["finetune", "--max-train-samples", "160", "--max-eval-samples", "120", "--max-length", "64",
             "--epochs", "1", "--lr", "3e-4", "--bases-steps", "3", "--no-progress", "--output-dir", str(out)]
-    assert main(argv) == 0
+    assert main(argv + (["--method", method] if method else [])) == 0
     r = _results(out)
-    assert r["task"] == "bbcnews" and r["method"]["method"] == "sparsegrad" and r["method"]["mode"] == "fixed"
+    assert r["task"] == "bbcnews" and r["method"]["method"] == (method or "sparsegrad")
+    assert r["method"]["mode"] == (None if method else "fixed")
     assert r["score"] > r["majority_baseline"]["accuracy"] + 0.2
 
 

@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # weight loading; our own bars show the run
         from .experiment import run_compare, run_finetune
 
         if args.command == "finetune":

@@ -149,12 +149,15 @@ class Batcher:
 
         self.collate = DataCollatorWithPadding(tokenizer)
         self.encoded, self.batch_size, self.seed = encoded, batch_size, seed
+        self._order: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return (len(self.encoded) + self.batch_size - 1) // self.batch_size
 
     def order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.encoded))
+        if self._order is None or self._order[0] != epoch:
+            self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.encoded))
+        return self._order[1]
 
     def batch(self, epoch: int, i: int) -> dict:
         idx = self.order(epoch)[i * self.batch_size:(i + 1) * self.batch_size]
@@ -343,7 +346,7 @@ def finetune(
                 state.bad_evals += 1
             bar.write(f"step {state.step} epoch {state.step / len(batcher):.2f}: {select_split} "
                       + " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                      + (" *" if state.best_step == state.step else ""))
+                      + (" *" if state.best_step == state.step else ""), file=sys.stderr)
             if cfg.patience and state.bad_evals >= cfg.patience:
                 state.finished = state.stopped_early = True
             state.finished = state.finished or last
