@@ -208,7 +208,7 @@ def run_compare(methods: list[str], finetune_argv: list[str], out: str | Path, *
         if resume:
             argv.append("--resume")
         print(f"== {label}: {' '.join(argv[3:])}", file=sys.stderr, flush=True)
-        if subprocess.run(argv, check=False).returncode != 0:
+        if subprocess.run(argv, stdout=2, check=False).returncode != 0:  # child stdout -> our fd 2: one table
             failed.append(label)
             continue
         rows += json.loads((out / label / "summary.json").read_text())["rows"]

@@ -132,12 +132,14 @@ def load_model(name: str | None, task: Task):
 
 
 def encode(tokenizer, examples: list[dict], max_length: int) -> list[dict]:
-    """Tokenize without padding (padding happens per batch); labels under "labels"."""
+    """Tokenize without padding (padding happens per batch); labels under "labels". Token ids are
+    kept as int32 arrays: QQP and MNLI hold ~400k examples."""
     texts = [e["text"] for e in examples]
     pairs = [e["text_pair"] for e in examples] if examples[0]["text_pair"] is not None else None
     enc = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     keys = list(enc.keys())
-    return [{**{k: enc[k][i] for k in keys}, "labels": e["label"]} for i, e in enumerate(examples)]
+    return [{**{k: np.asarray(enc[k][i], dtype=np.int32) for k in keys}, "labels": e["label"]}
+            for i, e in enumerate(examples)]
 
 
 class Batcher:
