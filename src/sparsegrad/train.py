@@ -92,6 +92,8 @@ class LoopState:
     bad_evals: int = 0
     history: list = field(default_factory=list)
     train_seconds: float = 0.0
+    loss_sum: float = 0.0               # training loss since the last evaluation
+    loss_steps: int = 0
     finished: bool = False
     stopped_early: bool = False
     resumed_at: list = field(default_factory=list)
@@ -327,11 +329,13 @@ def finetune(
         opt.step()
         scheduler.step()
         opt.zero_grad(set_to_none=True)
+        loss_value = loss.item()  # also waits for the device, so the step time is complete
         state.train_seconds += time.perf_counter() - start
+        state.loss_sum, state.loss_steps = state.loss_sum + loss_value, state.loss_steps + 1
         state.step += 1
         state.step_in_epoch += 1
         bar.update()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}")
         end_of_epoch = state.step_in_epoch == len(batcher)
         if end_of_epoch:
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
@@ -339,8 +343,9 @@ def finetune(
         if (end_of_epoch if cfg.eval_steps is None else state.step % cfg.eval_steps == 0) or last:
             metrics = evaluate(model, tokenizer, evals[select_split], cfg, device, task)
             score = metrics[task.metric] if math.isfinite(metrics[task.metric]) else float("-inf")  # diverged
-            state.history.append({"step": state.step, "epoch": state.step / len(batcher), "loss": loss.item(),
-                                  select_split: metrics})
+            state.history.append({"step": state.step, "epoch": state.step / len(batcher),
+                                  "loss": state.loss_sum / state.loss_steps, select_split: metrics})
+            state.loss_sum, state.loss_steps = 0.0, 0
             if state.best_score is None or score > state.best_score:
                 state.best_score, state.best_step, state.bad_evals = score, state.step, 0
                 save_weights(model, run_dir / "best")
