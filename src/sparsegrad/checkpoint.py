@@ -23,17 +23,15 @@ from torch import nn
 LATEST = "latest"
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to `path` via a temporary file and os.replace."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
-
-
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` via a temporary file and os.replace: readers see the old file or the new one."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def rng_state() -> dict:
