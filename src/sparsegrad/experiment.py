@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import write_json_atomic, write_text_atomic
-from .methods import head_parameters
-from .model import layer_k
-from .targets import find_targets, in_out_features
+from .methods import head_parameters, sparse_budget
+from .targets import find_targets
 from .tasks import TaskData, load_task
 from .train import RunConfig, finetune, load_model
 
@@ -51,12 +50,10 @@ def validate(cfg: RunConfig, bases: str | None = None) -> TaskData:
                      max_eval_samples=cfg.max_eval_samples)
     _, model = load_model(cfg.model, data.task)
     layers = find_targets(model, cfg.targets)
-    for name, module in layers.items():
-        try:
-            layer_k(*in_out_features(module), cfg.density, cfg.n_params)
-        except ValueError as err:
-            flag = "--n-params" if cfg.n_params is not None else "--density"
-            raise ValueError(f"{flag}: layer {name!r}: {err}") from None
+    try:
+        sparse_budget(layers, cfg.density, cfg.n_params)
+    except ValueError as err:
+        raise ValueError(f"{'--n-params' if cfg.n_params is not None else '--density'}: {err}") from None
     if cfg.rest == "head":
         head_parameters(model)
     return data

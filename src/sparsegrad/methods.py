@@ -66,6 +66,17 @@ def lora_rank_for(budget: int, layers: dict[str, nn.Module]) -> int:
     return max(1, round(budget / per_rank))
 
 
+def sparse_budget(layers: dict[str, nn.Module], density: float | None, n_params: int | None) -> int:
+    """Sum of k over `layers`; a ValueError naming the layer where density/n_params is impossible."""
+    budget = 0
+    for name, m in layers.items():
+        try:
+            budget += layer_k(*in_out_features(m), density, n_params)
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {err}") from None
+    return budget
+
+
 def prepare(
     model: nn.Module,
     method: str,
@@ -90,12 +101,7 @@ def prepare(
     if method == "sparsegrad" and bases is None:
         raise ValueError("method 'sparsegrad' needs bases (compute_bases, or --bases FILE)")
     layers = find_targets(model, targets)
-    budget = 0
-    for name, m in layers.items():
-        try:
-            budget += layer_k(*in_out_features(m), density, n_params)
-        except ValueError as err:
-            raise ValueError(f"layer {name!r}: {err}") from None
+    budget = sparse_budget(layers, density, n_params)
     head = head_parameters(model) if rest == "head" else None
 
     rank = None
