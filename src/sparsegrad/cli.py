@@ -3,6 +3,7 @@
     sparsegrad finetune                      # offline default: MiniLM on BBC News, SparseGrad fixed
     sparsegrad finetune --task sst2 --data-dir glue/ --method lora --seeds 0 1 2
     sparsegrad compare --task mrpc --data-dir glue/ --methods ft lora meprop sparsegrad
+    sparsegrad bench speed | bases | glue --data-dir glue/ | report    # the paper's tables, measured here
 """
 from __future__ import annotations
 
@@ -72,6 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("--output-dir", help="default: sparsegrad-runs/compare-<task>-<time>")
     cmp.add_argument("--resume", action="store_true", help="continue the comparison in --output-dir")
     cmp.add_argument("--no-progress", action="store_true")
+
+    from .bench import BENCHES
+
+    bench = sub.add_parser("bench", help="benchmarks: the paper's tables measured here, and the results page")
+    kinds = bench.add_subparsers(dest="bench", required=True)
+    for name, module in BENCHES.items():
+        module.add_arguments(kinds.add_parser(name, help=module.__doc__.split("\n")[0],
+                                              description=module.__doc__,
+                                              formatter_class=argparse.RawDescriptionHelpFormatter))
     return parser
 
 
@@ -107,7 +117,11 @@ def _forwarded(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if argv[:2] == ["bench", "glue"]:  # options it does not know go on to `sparsegrad finetune`
+        args, passthrough = parser.parse_known_args(argv)
+    else:
+        args, passthrough = parser.parse_args(argv), []
     stamp = time.strftime("%Y%m%d-%H%M%S")
     try:
         import transformers
@@ -116,6 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.disable_progress_bar()  # weight loading; our own bars show the run
         from .experiment import run_compare, run_finetune
 
+        if args.command == "bench":
+            from .bench import BENCHES
+
+            return BENCHES[args.bench].main(args, passthrough)
         if args.command == "finetune":
             cfg = _run_config(args)
             if args.resume and not args.output_dir:

@@ -167,10 +167,10 @@ def _sampled_addmm(pattern: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor
         return torch.sparse.sampled_addmm(pattern, mat1, mat2, beta=0.0)
 
 
-def _nonzero_rows(dy: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the rows of dy (tokens, d_out) holding a non-zero, or None if skipping won't pay."""
+def _nonzero_rows(dy: torch.Tensor) -> tuple[torch.Tensor | None, int]:
+    """Indices of the rows of dy (tokens, d_out) holding a non-zero (None if skipping won't pay), and their count."""
     nz = dy.ne(0).any(dim=1).nonzero().squeeze(1)
-    return nz if nz.numel() < _ROW_SKIP_BELOW * dy.shape[0] else None
+    return (nz if nz.numel() < _ROW_SKIP_BELOW * dy.shape[0] else None), nz.numel()
 
 
 def _topk_dense(full: torch.Tensor, k: int) -> torch.Tensor:
@@ -198,7 +198,9 @@ class _SparseGradFn(torch.autograd.Function):
         layer: SparseGradLinear = ctx.layer
         d_in, d_out = layer.in_features, layer.out_features
         x2, dy2 = x.reshape(-1, d_in), dy.reshape(-1, d_out)
-        rows = _nonzero_rows(dy2)
+        rows, n_nonzero = _nonzero_rows(dy2)
+        layer.row_counts[0] += n_nonzero
+        layer.row_counts[1] += dy2.shape[0]
         if rows is not None:  # Sec. 3.3: only rows of dy with a non-zero take part
             x2, dy_r = x2.index_select(0, rows), dy2.index_select(0, rows)
         else:
@@ -295,6 +297,8 @@ class SparseGradLinear(nn.Module):
             self.register_buffer("_merged", torch.zeros(in_features, out_features, **factory))
         self._plan: _SupportPlan | None = None
         self._plan_key = None
+        # [non-zero rows of dy, rows of dy] seen by backward since the last `take_row_counts` (Fig. 3)
+        self.row_counts = [0, 0]
 
     # ------------------------------------------------------------------ building
     @classmethod

@@ -105,3 +105,13 @@ def trainable_parameters(model: nn.Module) -> int:
             total += p.numel()
             counted.add(id(p))
     return total
+
+
+def take_row_share(model: nn.Module) -> float | None:
+    """Share of the output-gradient rows that held a non-zero, over the sparse layers' backward
+    passes since the last call (the paper's Fig. 3); the counters restart. None without such layers."""
+    nonzero = total = 0
+    for layer in sparse_layers(model).values():
+        nonzero, total = nonzero + layer.row_counts[0], total + layer.row_counts[1]
+        layer.row_counts = [0, 0]
+    return nonzero / total if total else None

@@ -35,6 +35,7 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .methods import canonical_method, prepare
+from .model import take_row_share
 from .optim import optimizer as make_optimizer
 from .tasks import Task, TaskData, compute_metrics, load_task, majority_baseline
 
@@ -94,6 +95,7 @@ class LoopState:
     train_seconds: float = 0.0
     loss_sum: float = 0.0               # training loss since the last evaluation
     loss_steps: int = 0
+    row_share: list = field(default_factory=list)  # per step: non-zero rows of dy in the sparse layers
     finished: bool = False
     stopped_early: bool = False
     resumed_at: list = field(default_factory=list)
@@ -324,6 +326,9 @@ def finetune(
         with accelerator.autocast():
             loss = model(**batch).loss
         accelerator.backward(loss)
+        share = take_row_share(model)
+        if share is not None:
+            state.row_share.append(round(share, 4))
         if cfg.max_grad_norm:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
@@ -372,7 +377,8 @@ def finetune(
         "final": final, "best_step": state.best_step,
         "majority_baseline": majority_baseline(task, data.train, data.eval[select_split]),
         "method": info.as_dict(), "bases": bases_info,
-        "history": state.history, "stopped_early": state.stopped_early, "resumed_at": state.resumed_at,
+        "history": state.history, "nonzero_row_share": state.row_share,
+        "stopped_early": state.stopped_early, "resumed_at": state.resumed_at,
         "train_steps": state.step, "train_seconds": state.train_seconds,
         "steps_per_s": state.step / state.train_seconds if state.train_seconds else None,
         "peak_memory_mb": memory_mb, "memory_kind": memory_kind, "device": str(device),
