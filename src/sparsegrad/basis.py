@@ -42,26 +42,47 @@ def _descending_eigvecs(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 class GramAccumulator:
-    """Streaming HOSVD factors of gradient slices G (d_in, d_out)."""
+    """Streaming HOSVD factors of gradient slices G (d_in, d_out).
 
-    def __init__(self, d_in: int, d_out: int, device=None, compute_dtype: torch.dtype = torch.float32):
-        self.compute_dtype = compute_dtype
+    Each slice is added in place into compute_dtype sums (one GEMM per side, no temporaries);
+    every `flush_every` slices those are folded into float64 totals, so long runs keep their precision.
+    """
+
+    def __init__(self, d_in: int, d_out: int, device=None, compute_dtype: torch.dtype = torch.float32,
+                 flush_every: int = 16):
+        self.compute_dtype, self.flush_every = compute_dtype, flush_every
         self.A = torch.zeros(d_in, d_in, dtype=torch.float64, device=device)
         self.B = torch.zeros(d_out, d_out, dtype=torch.float64, device=device)
+        self._a = self.A if compute_dtype == torch.float64 else torch.zeros(d_in, d_in, dtype=compute_dtype, device=device)
+        self._b = self.B if compute_dtype == torch.float64 else torch.zeros(d_out, d_out, dtype=compute_dtype, device=device)
         self.n = 0
 
     def add(self, g: torch.Tensor) -> None:
         g = g.to(self.compute_dtype)
-        self.A += (g @ g.t()).to(torch.float64)  # (d_in, d_out) @ (d_out, d_in)
-        self.B += (g.t() @ g).to(torch.float64)  # (d_out, d_in) @ (d_in, d_out)
+        self._a.addmm_(g, g.t())  # += (d_in, d_out) @ (d_out, d_in)
+        self._b.addmm_(g.t(), g)  # += (d_out, d_in) @ (d_in, d_out)
         self.n += 1
+        if self.n % self.flush_every == 0:
+            self._flush()
 
-    def bases(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """U (d_in, d_in), V (d_out, d_out), and the mode-1 / mode-2 singular values."""
+    def _flush(self) -> None:
+        if self._a is not self.A:
+            self.A += self._a
+            self.B += self._b
+            self._a.zero_()
+            self._b.zero_()
+
+    def bases(self, dtype: torch.dtype = torch.float32, eigh_dtype: torch.dtype = torch.float64
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """U (d_in, d_in), V (d_out, d_out), and the mode-1 / mode-2 singular values.
+
+        eigh_dtype=torch.float32 runs the eigendecompositions in single precision (several times
+        faster for d >= 2048 on CPU; vectors orthonormal to ~1e-6, the leading ones accurate)."""
         if self.n == 0:
             raise RuntimeError("no gradient was accumulated")
-        U, s_in = _descending_eigvecs(self.A)
-        V, s_out = _descending_eigvecs(self.B)
+        self._flush()
+        U, s_in = _descending_eigvecs(self.A.to(eigh_dtype))
+        V, s_out = _descending_eigvecs(self.B.to(eigh_dtype))
         return U.to(dtype), V.to(dtype), s_in, s_out
 
 

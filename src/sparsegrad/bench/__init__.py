@@ -8,6 +8,6 @@
 """
 from __future__ import annotations
 
-from . import glue
+from . import bases, glue, speed
 
-BENCHES = {"glue": glue}
+BENCHES = {"speed": speed, "bases": bases, "glue": glue}
