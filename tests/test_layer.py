@@ -12,6 +12,10 @@ D_IN, D_OUT, K = 12, 20, 17
 f64 = torch.float64
 
 
+def _SupportPlan_build(rows, cols):
+    return layer_mod._SupportPlan.build(rows, cols, D_IN, D_OUT)
+
+
 def orthogonal(n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=f64))[0]
@@ -100,9 +104,9 @@ def test_topk_keeps_exactly_k_under_ties(mode):
 @pytest.mark.parametrize("support_kind", ["few_rows", "few_cols"])
 def test_support_plans(monkeypatch, support_kind, rotate_activations):
     """Both rotation sides (fewer distinct rows or columns) and both ways of rotating
-    (the activations, or a dense G in place by column blocks) give the exact gradient."""
+    (the activations, or the dense G) give the exact gradient; a support given in any order is
+    stored in plan order as int32 (values follow it), so the plan keeps no permutation or copy."""
     monkeypatch.setattr(layer_mod, "_rotate_activations", lambda *shape: rotate_activations)
-    monkeypatch.setattr(layer_mod, "_ROTATE_BLOCK", 3)
     if support_kind == "few_rows":  # 3 distinct rows, all columns: rotate rows
         rows = torch.tensor([1, 4, 9]).repeat_interleave(D_OUT)
         cols = torch.arange(D_OUT).repeat(3)
@@ -111,7 +115,19 @@ def test_support_plans(monkeypatch, support_kind, rotate_activations):
         cols = torch.tensor([3, 17]).repeat_interleave(D_IN)
     perm = torch.randperm(rows.numel())  # any order in, same order out
     layer, lin = make_layer("fixed", support=(rows[perm], cols[perm]), k=rows.numel())
-    assert layer._support_plan().transposed == (support_kind == "few_cols")
+    plan = layer._support_plan()
+    assert plan.transposed == (support_kind == "few_cols") and plan.order is None
+    assert layer.rows.dtype == layer.cols.dtype == torch.int32
+    assert plan.cols is (layer.rows if plan.transposed else layer.cols)
+    assert set(zip(layer.rows.tolist(), layer.cols.tolist())) == set(zip(rows.tolist(), cols.tolist()))
+    # a plan over a support in any other order maps its results back to that order
+    shuffled = _SupportPlan_build(rows[perm], cols[perm])
+    assert shuffled.order is not None
+    x_, dy_ = torch.randn(5, D_IN, dtype=f64), torch.randn(5, D_OUT, dtype=f64)
+    full = layer.U @ (x_.t() @ dy_) @ layer.V.t()
+    left, right = shuffled.sides(x_, dy_)
+    torch.testing.assert_close(shuffled.gather(left, right, *shuffled.sides(layer.U, layer.V)),
+                               full[rows[perm], cols[perm]], rtol=0, atol=1e-12)
     S, _, W_eff = effective_reference(layer, lin)
     x = torch.randn(7, D_IN, dtype=f64)
     dy = torch.randn(7, D_OUT, dtype=f64)
@@ -212,3 +228,21 @@ def test_low_precision_weight_is_refused_once_values_change():
         layer.values.add_(1.0)
     with pytest.raises(TypeError, match="float32 or float64.*torch.autocast"):
         layer(x)
+
+
+@pytest.mark.parametrize("mode", ["fixed", "dynamic", "meprop"])
+def test_counts_nonzero_rows_of_dy(mode):
+    """Backward counts the rows of dy it multiplies (Fig. 3); take_row_share reads and restarts them."""
+    from sparsegrad.model import take_row_share
+
+    layer, _ = make_layer(mode)
+    holder = nn.Sequential(layer)
+    x = torch.randn(2, 5, D_IN, dtype=f64)
+    dy = torch.randn(2, 5, D_OUT, dtype=f64)
+    dy[0, 3:] = 0  # 2 padded positions
+    dy[1, 1] = 0
+    layer(x).backward(dy)
+    assert layer.row_counts == [7, 10]
+    assert take_row_share(holder) == pytest.approx(0.7)
+    assert layer.row_counts == [0, 0] and take_row_share(holder) is None
+    assert take_row_share(nn.Linear(2, 2)) is None

@@ -43,8 +43,6 @@ _TRAINABLE_NAME = {"fixed": "values", "dynamic": "delta", "meprop": "weight"}
 
 # Rows of dy are gathered (the zero rows skipped) when at most this share is non-zero.
 _ROW_SKIP_BELOW = 0.9
-# Column block of the in-place rotation of a dense G (bounds the temporary to (r, block)).
-_ROTATE_BLOCK = 256
 
 # id(source basis) -> (weakref to it, fn, converted basis) of the latest Module._apply
 # (model.to(...), .double(), ...): a basis shared by many layers is converted once, so
@@ -91,26 +89,35 @@ class _SupportPlan:
     """
 
     transposed: bool
-    order: torch.Tensor  # (k,) plan position -> caller position
+    order: torch.Tensor | None  # (k,) plan position -> caller position; None: already in plan order
     uniq_rows: torch.Tensor  # (r,) distinct plan rows
-    crow: torch.Tensor  # (r + 1,) CSR row pointer over the distinct rows
-    cols: torch.Tensor  # (k,) plan column of each entry
+    crow: torch.Tensor  # (r + 1,) int32 CSR row pointer over the distinct rows
+    cols: torch.Tensor  # (k,) int32 plan column of each entry (the layer's own buffer when in plan order)
     n: int  # plan columns
 
     @staticmethod
-    def build(rows: torch.Tensor, cols: torch.Tensor, d_in: int, d_out: int) -> _SupportPlan:
-        n_rows, n_cols = rows.unique().numel(), cols.unique().numel()
-        transposed = n_cols < n_rows
+    def orientation(rows: torch.Tensor, cols: torch.Tensor) -> bool:
+        """Rotate the side with fewer distinct indices: transposed when that is the columns."""
+        return cols.unique().numel() < rows.unique().numel()
+
+    @staticmethod
+    def build(rows: torch.Tensor, cols: torch.Tensor, d_in: int, d_out: int,
+              transposed: bool | None = None) -> _SupportPlan:
+        if transposed is None:
+            transposed = _SupportPlan.orientation(rows, cols)
         if transposed:  # rotate the (fewer) columns: work on the transpose
             rows, cols, n = cols, rows, d_in
         else:
             n = d_out
-        order = torch.argsort(rows * n + cols)
-        rows, cols = rows[order], cols[order]
-        uniq_rows, counts = torch.unique_consecutive(rows, return_counts=True)
-        crow = torch.zeros(uniq_rows.numel() + 1, dtype=torch.long, device=rows.device)
+        key = rows.long() * n + cols.long()
+        order = None
+        if bool((key[1:] <= key[:-1]).any()):  # not in plan order: sort once, remember the permutation
+            order = torch.argsort(key)
+            rows, cols = rows[order], cols[order]
+        uniq_rows, counts = torch.unique_consecutive(rows.long(), return_counts=True)
+        crow = torch.zeros(uniq_rows.numel() + 1, dtype=torch.int32, device=rows.device)
         crow[1:] = counts.cumsum(0)
-        return _SupportPlan(transposed, order, uniq_rows, crow, cols, n)
+        return _SupportPlan(transposed, order, uniq_rows, crow, cols.to(torch.int32), n)
 
     def sides(self, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A (d_in-side, d_out-side) pair, e.g. (U, V) or (x, dy), in plan orientation."""
@@ -127,7 +134,7 @@ class _SupportPlan:
         """(a @ left^T right @ b^T) at the support, in caller order.
 
         left (t, m), right (t, n): the plan matrix is left^T right (G or G^T).
-        Forms at most one dense (m, n) buffer.
+        Forms the dense (m, n) gradient and its (r, n) rotation, or (t, r) rotated activations.
         """
         t, m = left.shape
         r = self.uniq_rows.numel()
@@ -136,19 +143,21 @@ class _SupportPlan:
             rot = (left @ a_r.t()).t() @ right  # rotated activations: (r, t) @ (t, n) -> (r, n)
         else:
             g = left.t() @ right  # (m, t) @ (t, n): the dense gradient
-            for j in range(0, self.n, _ROTATE_BLOCK):  # rotate in place, a column block at a time
-                g[:r, j : j + _ROTATE_BLOCK] = a_r @ g[:, j : j + _ROTATE_BLOCK]
-            rot = g[:r]
+            rot = a_r @ g  # (r, m) @ (m, n)
+            del g
         pattern = self._csr(torch.zeros(self.cols.numel(), dtype=rot.dtype, device=rot.device))
         # sampled (r, n) @ (n, n) at the entries: rot[i] . b[j]  (zeros: beta * 0)
         out = _sampled_addmm(pattern, rot, b.t()).values()
+        if self.order is None:
+            return out
         result = torch.empty_like(out)
         result[self.order] = out
         return result
 
     def fold(self, weight: torch.Tensor, values: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         """weight (d_out, d_in) += (a^T S b) in weight orientation; S holds `values` (caller order)."""
-        p = self._csr(values[self.order].to(a.dtype)) @ b  # (r, n) @ (n, n) -> (r, n)
+        values = values if self.order is None else values[self.order]
+        p = self._csr(values.to(a.dtype)) @ b  # (r, n) @ (n, n) -> (r, n)
         a_r = a[self.uniq_rows].to(weight.dtype)  # (r, m)
         if self.transposed:  # plan matrix is W itself: W += a_r^T @ p
             weight.addmm_(a_r.t(), p.to(weight.dtype))
@@ -288,8 +297,12 @@ class SparseGradLinear(nn.Module):
                 raise ValueError(f"support indices fall outside the {in_features}x{out_features} transformed weight")
             if torch.unique(rows * out_features + cols).numel() != k:
                 raise ValueError("support has repeated entries")
-            self.register_buffer("rows", rows)
-            self.register_buffer("cols", cols)
+            # Stored in the order the gradient kernels walk it (sorted along the side they rotate),
+            # as int32: no permutation or index copies are kept beside it.
+            transposed = _SupportPlan.orientation(rows, cols)
+            order = torch.argsort(cols * in_features + rows if transposed else rows * out_features + cols)
+            self.register_buffer("rows", rows[order].to(torch.int32))
+            self.register_buffer("cols", cols[order].to(torch.int32))
             self.values = nn.Parameter(torch.zeros(k, **factory))
             self.register_buffer("_merged", torch.zeros(k, **factory))
         elif mode == "dynamic":
@@ -373,6 +386,7 @@ class SparseGradLinear(nn.Module):
     def _support_plan(self) -> _SupportPlan:
         key = (self.rows.data_ptr(), self.rows._version, self.cols._version, self.rows.device)
         if self._plan is None or self._plan_key != key:
+            # in plan order already (see __init__): the plan's column indices are the layer's own buffer
             self._plan = _SupportPlan.build(self.rows, self.cols, self.in_features, self.out_features)
             self._plan_key = key
         return self._plan

@@ -8,6 +8,6 @@
 """
 from __future__ import annotations
 
-from . import bases, glue, speed
+from . import bases, glue, report, speed
 
-BENCHES = {"speed": speed, "bases": bases, "glue": glue}
+BENCHES = {"speed": speed, "bases": bases, "glue": glue, "report": report}

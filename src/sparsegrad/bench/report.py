@@ -1,0 +1,296 @@
+"""The results page: docs/results.md and its pictures, generated from the benchmarks' JSON.
+
+    sparsegrad bench report --results docs/results --output docs/results.md
+    sparsegrad bench report --results docs/results --glue-runs bench-results/glue --compaction
+
+Reads from --results: speed-*.json (bench speed), bases.json (bench bases), glue.json
+(bench glue), compaction.json and row_share.json (written here). --glue-runs extracts the
+per-step share of non-zero output-gradient rows of the SparseGrad runs (Fig. 3) into
+row_share.json; --compaction computes Fig. 2's data (one real MiniLM layer's gradient in the
+original and the HOSVD space, BBC News batches) into compaction.json. PNGs go beside the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..checkpoint import write_json_atomic, write_text_atomic
+
+# The paper's figures (DESIGN.md §7): Table 3 (RoBERTa-base, GLUE average, GPU) and Table 4.
+PAPER_TABLE3 = {"ft": (4.11, 1345), "lora": (4.7, 944), "sparsegrad (sparse-by-dense)": (4.3, 1016),
+                "sparsegrad (regular)": (0.9, 1210)}
+PAPER_TABLE4 = {"BERT": {"ft": 82.5, "lora": 81.6, "sparsegrad": 82.6, "meprop": 82.1},
+                "RoBERTa-base": {"ft": 84.2, "lora": 83.1, "sparsegrad": 83.6, "meprop": 82.5}}
+PAPER_TABLE11 = {0.8: 81.5, 1.0: 82.2, 1.2: 82.0, 4.2: 82.2}  # BERT GLUE average by % of entries kept
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", default="docs/results", help="folder of the benchmarks' JSON (pictures go here)")
+    p.add_argument("--output", default="docs/results.md")
+    p.add_argument("--glue-runs", help="a `bench glue` output folder: extract Fig. 3's data from its runs")
+    p.add_argument("--compaction", action="store_true", help="compute Fig. 2's data (MiniLM, BBC News; ~1 min)")
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+# ---------------------------------------------------------------- data the page needs beyond the benches
+
+def extract_row_share(glue_runs: Path) -> dict:
+    """Per task: the per-step non-zero row share of dy in SparseGrad fixed (seed 0) and dynamic."""
+    out = {}
+    for results in sorted(glue_runs.glob("*/sparsegrad-*/seed-0/results.json")):
+        r = json.loads(results.read_text())
+        if r.get("nonzero_row_share"):
+            out.setdefault(r["task"], {})[results.parent.parent.name] = r["nonzero_row_share"]
+    return out
+
+
+def compute_compaction(steps: int = 10, batch_size: int = 16) -> dict:
+    """Fig. 2: |G| and |U G V^T| of block 0's up and down projections on a batch after the
+    preliminary phase (MiniLM on BBC News), as 96x96 max-pooled log10 maps, and top-1% shares."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ..assets import bbc_news, minilm_path
+    from ..basis import compute_bases, top_share
+    from ..targets import find_targets
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=5).eval()
+    texts, labels, _ = bbc_news()
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(texts))
+
+    def batch(i):
+        idx = order[i * batch_size:(i + 1) * batch_size]
+        enc = tok([texts[j] for j in idx], truncation=True, max_length=128, padding=True, return_tensors="pt")
+        return {**enc, "labels": torch.tensor([labels[j] for j in idx])}
+
+    bases = compute_bases(model, (batch(i) for i in range(steps)), n_steps=steps, progress=False)
+    layers = find_targets(model)
+    names = [n for n in layers if ".0." in n][:2]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in names:
+        layers[n].weight.requires_grad_(True)
+    model(**batch(steps)).loss.backward()
+    out = {"model": "all-MiniLM-L6-v2", "data": "BBC News", "bases_steps": steps, "layers": {}}
+    for n in names:
+        g = layers[n].weight.grad.t().double()  # (d_in, d_out), paper orientation
+        U, V = (t.double() for t in bases.for_layer(n))
+        s = U @ g @ V.t()
+        out["layers"][n] = {"shape": list(g.shape), "top1pct_share_original": top_share(g.square()),
+                            "top1pct_share_transformed": top_share(s.square()),
+                            "original": _pooled_log(g), "transformed": _pooled_log(s)}
+    return out
+
+
+def _pooled_log(m, size: int = 96) -> list:
+    """log10 of the max |entry| over a size x size grid of blocks (for a picture of a big matrix)."""
+    import torch
+
+    pooled = torch.nn.functional.adaptive_max_pool2d(m.abs()[None, None].float(), size)[0, 0]
+    return np.round(np.log10(pooled.clamp_min(1e-12).numpy()), 3).tolist()
+
+
+# ---------------------------------------------------------------- pictures
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_compaction(data: dict, path: Path) -> None:
+    plt = _plt()
+    layers = data["layers"]
+    fig, axes = plt.subplots(len(layers), 2, figsize=(9, 4 * len(layers)), squeeze=False)
+    for row, (name, d) in zip(axes, layers.items()):
+        for ax, key in zip(row, ("original", "transformed")):
+            im = ax.imshow(np.array(d[key]), cmap="magma", aspect="auto")
+            share = d[f"top1pct_share_{key}"]
+            ax.set_title(f"{name.split('encoder.')[-1]} {key}\ntop 1% of entries: {100 * share:.0f}% of energy",
+                         fontsize=9)
+            ax.set_xlabel("d_out (max-pooled)")
+            ax.set_ylabel("d_in (max-pooled)")
+            fig.colorbar(im, ax=ax, label="log10 |dL/dW|")
+    fig.suptitle(f"Weight gradient, original space vs U G V^T ({data['model']}, {data['data']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_row_share(data: dict, path: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for task, series in data.items():
+        for label, ys in series.items():
+            ax.plot(np.arange(1, len(ys) + 1), 100 * np.array(ys), label=f"{task} {label}", lw=1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("non-zero rows of dL/dY (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Share of output-gradient rows that sparse-by-dense multiplies (paper Fig. 3)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_speed(speed: dict, path: Path) -> None:
+    plt = _plt()
+    groups = list(dict.fromkeys((r["model"], r["batch_size"]) for r in speed["rows"]))
+    methods = list(dict.fromkeys(r["method"] for r in speed["rows"]))
+    by = {(r["model"], r["batch_size"], r["method"]): r for r in speed["rows"]}
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    width = 0.8 / len(methods)
+    for ax, field, title in zip(axes, ("step_s_vs_ft", "peak_bytes_vs_ft", "state_bytes_vs_ft"),
+                                ("step time / full FT", "peak memory / full FT", "training state / full FT (log)")):
+        for i, m in enumerate(methods):
+            ys = [by.get((g[0], g[1], m), {}).get(field) or 0 for g in groups]
+            ax.bar(np.arange(len(groups)) + i * width, ys, width, label=m)
+        ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [f"{g[0]}\nb{g[1]}" for g in groups], fontsize=8)
+        ax.axhline(1, color="k", lw=0.6)
+        ax.set_title(title)
+        if "state" in field:
+            ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Training speed and memory ({speed['meta']['device']}, fill {speed['meta']['fill']:g})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def plot_density(glue: dict, path: Path) -> None:
+    plt = _plt()
+    rows = glue["ablation"]
+    task = rows[0]["task"]
+    x = np.array([100 * r["density"] for r in rows])
+    y, e = np.array([100 * r["mean"] for r in rows]), np.array([100 * r["std"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label="SparseGrad fixed")
+    for r in glue["tables"].get(task, []):
+        if r["method"] in ("ft", "lora"):
+            ax.axhline(100 * r["mean"], ls="--", lw=1, label=r["method"], color="k" if r["method"] == "ft" else "C2")
+    ax.set_xscale("log")
+    ax.set_xticks(x, [f"{v:g}%" for v in x])
+    ax.set_xlabel("trained share of each MLP weight")
+    ax.set_ylabel(f"{task} {rows[0]['metric']} (x100)")
+    ax.set_title("Quality vs density (paper Tables 11-12)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- the page
+
+def build(results: Path, output: Path) -> str:
+    from . import bases as bases_bench
+    from . import glue as glue_bench
+    from . import speed as speed_bench
+
+    def link(name: str) -> str:
+        return Path(os.path.relpath(results / name, output.parent)).as_posix()
+
+    lines = ["# Results", "",
+             (f"Generated by `sparsegrad bench report` from the JSON in `{results.as_posix()}`; do not edit by "
+              "hand. Each table says how it was measured."), ""]
+    speeds = [(p, _load(p)) for p in sorted(results.glob("speed-*.json"))]
+    if speeds:
+        meta = speeds[0][1]["meta"]
+        lines += ["## Machine", "", (f"- CPU: {meta.get('cpu')}, {meta.get('threads')} threads; "
+                                     f"torch {meta.get('torch')}, Python {meta.get('python')}")]
+        gpus = {s["meta"].get("gpu") for _, s in speeds if s["meta"].get("gpu")}
+        no_gpu = ("- GPU: none was lent to this project when these were measured (the `device` tool's "
+                  "status); `sparsegrad bench speed --device cuda` adds those rows.")
+        lines += [f"- GPU: {', '.join(sorted(gpus))}" if gpus else no_gpu, ""]
+    lines += ["## Training speed and memory (paper Tables 3, 7, 8)", ""]
+    for path, speed in speeds:
+        m = speed["meta"]
+        pad = ("no padding (every token real)" if m["fill"] == 1 else
+               f"each sequence ~{100 * m['fill']:.0f}% real tokens, padded to {m['seq']} (GLUE-style)")
+        peak = ("CUDA max allocated after a reset." if m["device"].startswith("cuda") else
+                "peak RSS of the training loop (high-water mark reset after the model is built).")
+        lines += [(f"### `{path.name}`: {m['device']}, sequence {m['seq']}, {pad}, density {m['density']:g}, "
+                   f"non-MLP parameters: {m['rest']}"), "",
+                  (f"Median of {m['steps']} timed steps after {m['warmup']} warm-up, one fresh process per method. "
+                   f"Peak: {peak} State: gradients + optimizer state + every tensor the method adds, in bytes; "
+                   "bases apart."), "",
+                  speed_bench.markdown(speed), ""]
+        png = path.with_suffix(".png")
+        plot_speed(speed, png)
+        lines += [f"![speed and memory]({link(png.name)})", ""]
+    lines += ["Paper, Table 3 (RoBERTa-base, GLUE average, GPU): "
+              + "; ".join(f"{k} {v[0]} steps/s, {v[1]} MB" for k, v in PAPER_TABLE3.items())
+              + ". Ratios: LoRA 1.14x FT's speed, SparseGrad 1.05x; memory LoRA 0.70x, SparseGrad 0.76x.", ""]
+
+    b = _load(results / "bases.json")
+    if b:
+        lines += ["## The preliminary phase (DESIGN §2)", "", bases_bench.__doc__.split("\n\n")[2].replace("\n", " "),
+                  "", bases_bench.markdown(b), "",
+                  "Paper: 276 MB and 78 s (BERT), 5.2 GB and 668 s (LLaMA-2-7B) for its HOSVD on CPU.", ""]
+
+    comp = _load(results / "compaction.json")
+    if comp:
+        plot_compaction(comp, results / "compaction.png")
+        lines += ["## Gradient compaction (paper Fig. 2)", "",
+                  "| layer | top-1% energy, original | top-1% energy, U G V^T |", "|---|---:|---:|"]
+        lines += [f"| {n} | {100 * d['top1pct_share_original']:.0f}% | {100 * d['top1pct_share_transformed']:.0f}% |"
+                  for n, d in comp["layers"].items()]
+        lines += ["", f"![compaction]({link('compaction.png')})", ""]
+
+    shares = _load(results / "row_share.json")
+    if shares:
+        plot_row_share(shares, results / "row_share.png")
+        mean = {f"{t} {k}": float(np.mean(v)) for t, d in shares.items() for k, v in d.items()}
+        text = ("Share of the rows of dL/dY (tokens) holding a non-zero, over all SparseGrad layers, per step of "
+                "the GLUE runs (dynamic padding, so only in-batch padding and the last block's non-[CLS] tokens "
+                "are zero), mean over steps: " + ", ".join(f"{k} {100 * v:.0f}%" for k, v in mean.items()) + ".")
+        lines += ["## Non-zero rows of the output gradient (paper Fig. 3)", "", text, "",
+                  f"![non-zero rows]({link('row_share.png')})", ""]
+
+    g = _load(results / "glue.json")
+    if g:
+        m = g["meta"]
+        cut = ("the paper's protocol (whole training sets, 20 epochs, early stopping)" if m["full"] else
+               f"a fixed random {m['max_train_samples']} training examples per task, {m['epochs']} epochs, "
+               "full dev sets, one shared lr (no search)")
+        setup = (f"Embedded all-MiniLM-L6-v2, tasks {', '.join(m['tasks'])}, seeds {m['seeds']}, {cut}; "
+                 f"extra options: `{' '.join(m['passthrough']) or 'none'}`; {m['wall_seconds'] / 60:.0f} min. "
+                 "Scores x100: mean ± std over seeds; the average is over tasks.")
+        paper = ("Paper, Table 4 (GLUE average, all tasks, with search): "
+                 + "; ".join(f"{model}: " + ", ".join(f"{k} {v}" for k, v in d.items())
+                             for model, d in PAPER_TABLE4.items())
+                 + ". Table 11 (BERT, SparseGrad by % of entries): "
+                 + ", ".join(f"{k}% {v}" for k, v in PAPER_TABLE11.items()) + ".")
+        lines += ["## GLUE (paper Table 4) and the sparsity ablation (Tables 11-12)", "", setup, "",
+                  glue_bench.markdown(g), "", paper, ""]
+        if g["ablation"]:
+            plot_density(g, results / "density.png")
+            lines += [f"![quality vs density]({link('density.png')})", ""]
+    page = "\n".join(lines)
+    write_text_atomic(output, page + "\n")
+    return page
+
+
+def main(args: argparse.Namespace, passthrough: list[str]) -> int:
+    results = Path(args.results)
+    if not results.is_dir():
+        raise ValueError(f"--results {results}: no such folder; run the benchmarks and copy their JSON there")
+    if args.glue_runs:
+        write_json_atomic(results / "row_share.json", extract_row_share(Path(args.glue_runs)))
+    if args.compaction:
+        write_json_atomic(results / "compaction.json", compute_compaction())
+    build(results, Path(args.output))
+    print(f"wrote {args.output}")
+    return 0

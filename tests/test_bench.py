@@ -1,0 +1,106 @@
+"""The benchmarks on tiny settings: what they count is exact, what they write is complete, and the
+results page is generated from their JSON. (Speed itself is never asserted: timings are printed.)"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sparsegrad.bench import bases as bases_bench
+from sparsegrad.bench import speed
+from sparsegrad.cli import main
+
+
+def test_speed_counts_training_state_exactly(tmp_path, capsys):
+    out = tmp_path / "speed"
+    argv = ["bench", "speed", "--models", "bert-tiny", "--batch-sizes", "2", "--seq", "16", "--steps", "1",
+            "--warmup", "0", "--fill", "0.5", "--output-dir", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / "speed-cpu-fill0.5.json").read_text())
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == set(speed.METHODS)
+    assert "| bert-tiny | 2 | sparsegrad-fixed |" in capsys.readouterr().out
+    assert (out / "speed-cpu-fill0.5.md").is_file()
+    ft, lora, fixed, dyn = rows["ft"], rows["lora"], rows["sparsegrad-fixed"], rows["sparsegrad-dynamic"]
+    assert ft["step_s_vs_ft"] == 1 and lora["step_s_vs_lora"] == 1
+    # bert-tiny: 2 blocks x (64 -> 256, 256 -> 64); k = round(0.01 * 64 * 256) = 164 per layer; head 64*2+2
+    k, head = 4 * 164, 64 * 2 + 2
+    assert fixed["sparse_budget"] == k and fixed["trainable"] == k + head
+    # fixed: values + grad + Adam m, v (4 bytes each) per entry; indices, merge buffer and plan on top
+    assert fixed["grad_bytes"] == 4 * (k + head)
+    assert fixed["optimizer_mlp_vs_2k"] == pytest.approx(1.0)
+    assert fixed["added_bytes"] >= 4 * k + 16 * k  # values and the (rows, cols) support at least
+    assert fixed["bases_bytes"] == 4 * 2 * (64 * 64 + 256 * 256)  # one (U, V) pair per role
+    # LoRA adds its A and B; full FT adds nothing but trains every MLP weight
+    rank = lora["lora_rank"]
+    assert lora["added_bytes"] == 4 * rank * 4 * (64 + 256)
+    assert ft["added_bytes"] == 0 and ft["grad_bytes"] == 4 * (ft["trainable"])
+    assert ft["optimizer_bytes"] >= 8 * ft["trainable"]
+    assert fixed["state_bytes"] < 0.1 * ft["state_bytes"]
+    assert dyn["state_bytes"] > ft["state_bytes"]  # dense delta, merged copy and full-size lazy moments
+    assert fixed["real_tokens"] < 2 * 16  # padded
+
+
+def test_streaming_bases_match_unfold_and_svd():
+    shapes = {"up": (12, 40), "down": (40, 12)}
+    stream = bases_bench.measure("streaming", shapes, n=5)
+    stream32 = bases_bench.measure("streaming-eigh32", shapes, n=5)
+    unfold = bases_bench.measure("unfold", shapes, n=5)
+    for role in shapes:
+        for side in (0, 1):
+            for other in (stream, stream32):
+                cos = (other["vectors"][role][side][:4] * unfold["vectors"][role][side][:4]).sum(1).abs()
+                assert torch.all(cos > 0.999), (role, side, cos)
+    assert bases_bench.gram_flops(shapes, 5) == 2 * 5 * 12 * 40 * 52 * 2
+
+
+def test_gram_sums_flush_to_float64():
+    from sparsegrad.basis import GramAccumulator
+
+    torch.manual_seed(0)
+    slices = [torch.randn(8, 20, dtype=torch.float64) for _ in range(7)]
+    acc = GramAccumulator(8, 20, flush_every=3)
+    for g in slices:
+        acc.add(g)
+    acc.bases()
+    A = sum(g @ g.t() for g in slices)
+    assert torch.allclose(acc.A, A, rtol=1e-5) and acc.A.dtype == torch.float64
+
+
+def test_glue_bench_and_results_page(glue_dir, tmp_path, capsys):
+    out = tmp_path / "glue"
+    argv = ["bench", "glue", "--data-dir", str(glue_dir), "--tasks", "wnli", "--methods", "ft", "sparsegrad-fixed",
+            "--seeds", "0", "1", "--max-train-samples", "48", "--epochs", "1", "--densities", "0.01", "0.02",
+            "--ablation-task", "wnli", "--output-dir", str(out),
+            "--max-eval-samples", "32", "--max-length", "48", "--bases-steps", "2"]  # the last three: to finetune
+    assert main(argv) == 0
+    result = json.loads((out / "glue.json").read_text())
+    assert [r["method"] for r in result["tables"]["wnli"]] == ["ft", "sparsegrad-fixed"]
+    assert set(result["average"]) == {"ft", "sparsegrad-fixed"}
+    assert [r["density"] for r in result["ablation"]] == [0.01, 0.02]
+    assert result["ablation"][1]["trainable_mlp"] == 2 * result["ablation"][0]["trainable_mlp"]
+    assert not (out / "ablation-wnli" / "density-0.01").exists()  # 1% is the main table's run
+    assert result["meta"]["passthrough"] == ["--max-eval-samples", "32", "--max-length", "48", "--bases-steps", "2"]
+    assert "| sparsegrad-fixed |" in capsys.readouterr().out
+    r = json.loads((out / "wnli" / "sparsegrad-fixed" / "seed-0" / "results.json").read_text())
+    assert len(r["nonzero_row_share"]) == r["train_steps"] and 0 < min(r["nonzero_row_share"]) <= 1
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "glue.json").write_text((out / "glue.json").read_text())
+    page = tmp_path / "docs" / "results.md"
+    assert main(["bench", "report", "--results", str(results), "--glue-runs", str(out), "--output", str(page)]) == 0
+    text = page.read_text()
+    assert "## GLUE" in text and "Sparsity ablation" in text and "(../results/density.png)" in text
+    assert (results / "density.png").stat().st_size > 0 and (results / "row_share.png").stat().st_size > 0
+    assert set(json.loads((results / "row_share.json").read_text())["wnli"]) == {"sparsegrad-fixed"}
+
+
+def test_report_errors_and_bad_options(tmp_path, capsys):
+    assert main(["bench", "report", "--results", str(tmp_path / "missing")]) == 2
+    assert "no such folder" in capsys.readouterr().err
+    assert main(["bench", "speed", "--fill", "0", "--output-dir", str(tmp_path / "s")]) == 2
+    assert "--fill 0.0" in capsys.readouterr().err
+    assert main(["bench", "glue", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "g")]) == 2
+    assert "no GLUE task folder" in capsys.readouterr().err
