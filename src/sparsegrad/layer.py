@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.profiler import record_function
 
 from .targets import _is_conv1d, linear_weight
 
@@ -140,14 +141,18 @@ class _SupportPlan:
         r = self.uniq_rows.numel()
         a_r = a[self.uniq_rows]  # (r, m)
         if _rotate_activations(t, r, m, self.n):
-            rot = (left @ a_r.t()).t() @ right  # rotated activations: (r, t) @ (t, n) -> (r, n)
+            with record_function("sparsegrad.rotated_activations"):
+                rot = (left @ a_r.t()).t() @ right  # rotated activations: (r, t) @ (t, n) -> (r, n)
         else:
-            g = left.t() @ right  # (m, t) @ (t, n): the dense gradient
-            rot = a_r @ g  # (r, m) @ (m, n)
+            with record_function("sparsegrad.dense_weight_grad"):
+                g = left.t() @ right  # (m, t) @ (t, n): the dense gradient, as full FT computes it
+            with record_function("sparsegrad.rotate_rows"):
+                rot = a_r @ g  # (r, m) @ (m, n)
             del g
-        pattern = self._csr(torch.zeros(self.cols.numel(), dtype=rot.dtype, device=rot.device))
-        # sampled (r, n) @ (n, n) at the entries: rot[i] . b[j]  (zeros: beta * 0)
-        out = _sampled_addmm(pattern, rot, b.t()).values()
+        with record_function("sparsegrad.sample_support"):
+            pattern = self._csr(torch.zeros(self.cols.numel(), dtype=rot.dtype, device=rot.device))
+            # sampled (r, n) @ (n, n) at the entries: rot[i] . b[j]  (zeros: beta * 0)
+            out = _sampled_addmm(pattern, rot, b.t()).values()
         if self.order is None:
             return out
         result = torch.empty_like(out)
@@ -217,7 +222,8 @@ class _SparseGradFn(torch.autograd.Function):
 
         dx = dw = db = dt = None
         if ctx.needs_input_grad[0]:
-            dx_r = dy_r @ weight.to(dy.dtype)  # (t, d_out) @ (d_out, d_in)
+            with record_function("sparsegrad.input_grad"):
+                dx_r = dy_r @ weight.to(dy.dtype)  # (t, d_out) @ (d_out, d_in)
             if rows is None:
                 dx = dx_r.view(*dy.shape[:-1], d_in)
             else:
@@ -225,7 +231,8 @@ class _SparseGradFn(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             db = dy2.sum(0).to(layer.bias.dtype)  # unrotated sum(dy)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[3]:
-            grad = layer._trainable_grad(x2, dy_r)
+            with record_function(f"sparsegrad.{layer.mode}_grad"):
+                grad = layer._trainable_grad(x2, dy_r)
             if layer.mode == "meprop":
                 dw = grad
             else:
@@ -414,7 +421,8 @@ class SparseGradLinear(nn.Module):
             rows, cols = flat // self.out_features, flat % self.out_features
             plan, values = _SupportPlan.build(rows, cols, self.in_features, self.out_features), diff.reshape(-1)[flat]
         a, b = plan.sides(self.U, self.V)
-        plan.fold(self.weight.data, values.to(a.dtype), a, b)
+        with record_function("sparsegrad.fold"):
+            plan.fold(self.weight.data, values.to(a.dtype), a, b)
         self._merged.copy_(current)
 
     # ------------------------------------------------------------------ compute

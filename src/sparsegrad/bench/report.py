@@ -279,6 +279,7 @@ def build(results: Path, output: Path) -> str:
             plot_density(g, results / "density.png")
             lines += [f"![quality vs density]({link('density.png')})", ""]
     page = "\n".join(lines)
+    output.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output, page + "\n")
     return page
 

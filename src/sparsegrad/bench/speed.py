@@ -209,7 +209,12 @@ def measure(spec: dict) -> dict:
         with profile(activities=acts) as prof:
             step()
         sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        Path(spec["profile"]).write_text(prof.key_averages().table(sort_by=sort, row_limit=30))
+        events = prof.key_averages()
+        scopes = [e for e in events if e.key.startswith("sparsegrad.")]
+        lines = [f"{e.key:40s} {e.cpu_time_total / 1e3:10.1f} ms total  {e.count:5d} calls" for e in
+                 sorted(scopes, key=lambda e: -e.cpu_time_total)]
+        Path(spec["profile"]).write_text("one training step, ops by self time:\n" + events.table(sort_by=sort, row_limit=30)
+                                         + "\n\nSparseGrad's own scopes (inclusive time):\n" + "\n".join(lines) + "\n")
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss()
     from ..model import sparse_layers
 
