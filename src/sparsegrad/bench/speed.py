@@ -268,7 +268,8 @@ def run(args: argparse.Namespace) -> dict:
                                               "rest": args.rest, "steps": args.steps, "warmup": args.warmup,
                                               "repeats": args.repeats},
               "rows": rows}
-    name = f"speed-{args.device}" + ("" if args.fill == 1 else f"-fill{args.fill:g}")
+    name = (f"speed-{args.device}" + ("" if args.fill == 1 else f"-fill{args.fill:g}")
+            + ("" if args.rest == "head" else f"-rest-{args.rest}"))
     (out / f"{name}.json").write_text(json.dumps(result, indent=1))
     (out / f"{name}.md").write_text(markdown(result) + "\n")
     return result
