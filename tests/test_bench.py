@@ -40,6 +40,13 @@ def test_speed_counts_training_state_exactly(tmp_path, capsys):
     assert fixed["state_bytes"] < 0.1 * ft["state_bytes"]
     assert dyn["state_bytes"] > ft["state_bytes"]  # dense delta, merged copy and full-size lazy moments
     assert fixed["real_tokens"] < 2 * 16  # padded
+    assert 0 < fixed["support_rotated_share"] <= 1
+
+    page = tmp_path / "results.md"
+    assert main(["bench", "report", "--results", str(out), "--output", str(page)]) == 0
+    text = page.read_text()
+    assert "## Training speed and memory" in text and "| bert-tiny | 2 | sparsegrad-fixed |" in text
+    assert "(speed/speed-cpu-fill0.5.png)" in text and (out / "speed-cpu-fill0.5.png").stat().st_size > 0
 
 
 def test_streaming_bases_match_unfold_and_svd():
