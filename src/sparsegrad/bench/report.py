@@ -192,6 +192,30 @@ def plot_density(glue: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------- the page
 
+def performance_targets(speeds: list[dict], bases: dict | None) -> list[tuple[str, float, bool]]:
+    """(target, measured ratio, met) from the BERT-base batch-16 full-length rows (the run with the
+    most rounds) and the streaming bases rows."""
+    runs = [s for s in speeds if s["meta"]["fill"] == 1 and s["meta"]["device"] == "cpu"
+            and any(r["model"] == "bert-base" and r["batch_size"] == 16 for r in s["rows"])]
+    out = []
+    if runs:
+        run = max(runs, key=lambda s: s["meta"].get("repeats", 1))
+        by = {r["method"]: r for r in run["rows"] if r["model"] == "bert-base" and r["batch_size"] == 16}
+        fixed = by.get("sparsegrad-fixed")
+        if fixed and "ft" in by and "lora" in by:
+            checks = [("step time, fixed / full FT <= 0.95", fixed["step_s_vs_ft"], 0.95),
+                      ("step time, fixed / LoRA <= 1.15", fixed["step_s_vs_lora"], 1.15),
+                      ("training state, fixed / LoRA <= 1.1", fixed["state_bytes_vs_lora"], 1.1),
+                      ("training state, fixed / full FT <= 0.1", fixed["state_bytes_vs_ft"], 0.1),
+                      ("optimizer state (MLP), fixed / (2 * sum k) <= 2", fixed["optimizer_mlp_vs_2k"], 2.0),
+                      ("peak memory, fixed / LoRA <= 1.05", fixed["peak_bytes_vs_lora"], 1.05)]
+            out += [(f"{name} (`{run['meta']['rest']}` rest)", v, v <= limit) for name, v, limit in checks]
+    for r in (bases or {}).get("rows", []):
+        if r["path"].startswith("streaming") and r["shapes"] == "bert-base":
+            out.append((f"bases ({r['path']}), time / Gram floor <= 1.3", r["x_floor"], r["x_floor"] <= 1.3))
+    return out
+
+
 def build(results: Path, output: Path) -> str:
     from . import bases as bases_bench
     from . import glue as glue_bench
@@ -212,6 +236,20 @@ def build(results: Path, output: Path) -> str:
         no_gpu = ("- GPU: none was lent to this project when these were measured (the `device` tool's "
                   "status); `sparsegrad bench speed --device cuda` adds those rows.")
         lines += [f"- GPU: {', '.join(sorted(gpus))}" if gpus else no_gpu, ""]
+    targets = performance_targets([s for _, s in speeds], _load(results / "bases.json"))
+    if targets:
+        lines += ["## Performance targets (issue 4; CPU, BERT-base, batch 16, sequence 128)", "",
+                  "| target | measured | met |", "|---|---:|---|"]
+        lines += [f"| {name} | {value:.2f} | {'yes' if ok else '**no**'} |" for name, value, ok in targets]
+        lines += [""]
+        for _, sp in speeds:  # the same ratios where sparse-by-dense has padded rows to skip
+            by = {r["method"]: r for r in sp["rows"] if r["model"] == "bert-base" and r["batch_size"] == 16}
+            if sp["meta"]["fill"] < 1 and "sparsegrad-fixed" in by:
+                f = by["sparsegrad-fixed"]
+                lines += [(f"With GLUE-style padding (~{100 * sp['meta']['fill']:.0f}% real tokens, same settings "
+                           f"otherwise): step time fixed / full FT {f.get('step_s_vs_ft', float('nan')):.2f}, "
+                           f"fixed / LoRA {f.get('step_s_vs_lora', float('nan')):.2f}; peak fixed / LoRA "
+                           f"{f.get('peak_bytes_vs_lora', float('nan')):.2f}."), ""]
     lines += ["## Training speed and memory (paper Tables 3, 7, 8)", ""]
     for path, speed in speeds:
         m = speed["meta"]
@@ -219,9 +257,11 @@ def build(results: Path, output: Path) -> str:
                f"each sequence ~{100 * m['fill']:.0f}% real tokens, padded to {m['seq']} (GLUE-style)")
         peak = ("CUDA max allocated after a reset." if m["device"].startswith("cuda") else
                 "peak RSS of the training loop (high-water mark reset after the model is built).")
+        rounds = f", the fastest of {m['repeats']} interleaved rounds" if m.get("repeats", 1) > 1 else ""
         lines += [(f"### `{path.name}`: {m['device']}, sequence {m['seq']}, {pad}, density {m['density']:g}, "
                    f"non-MLP parameters: {m['rest']}"), "",
-                  (f"Median of {m['steps']} timed steps after {m['warmup']} warm-up, one fresh process per method. "
+                  (f"Median of {m['steps']} timed steps after {m['warmup']} warm-up{rounds}, one fresh process per "
+                   "method. "
                    f"Peak: {peak} State: gradients + optimizer state + every tensor the method adds, in bytes; "
                    "bases apart."), "",
                   speed_bench.markdown(speed), ""]
@@ -265,7 +305,8 @@ def build(results: Path, output: Path) -> str:
                "full dev sets, one shared lr (no search)")
         setup = (f"Embedded all-MiniLM-L6-v2, tasks {', '.join(m['tasks'])}, seeds {m['seeds']}, {cut}; "
                  f"extra options: `{' '.join(m['passthrough']) or 'none'}`; {m['wall_seconds'] / 60:.0f} min. "
-                 "Scores x100: mean ± std over seeds; the average is over tasks.")
+                 "Scores x100: mean ± std over seeds; the average is over tasks. The steps/s of these runs "
+                 "are not timing figures (`bench speed` is); they share the machine with whatever else ran.")
         paper = ("Paper, Table 4 (GLUE average, all tasks, with search): "
                  + "; ".join(f"{model}: " + ", ".join(f"{k} {v}" for k, v in d.items())
                              for model, d in PAPER_TABLE4.items())
