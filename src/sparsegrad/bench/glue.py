@@ -1,13 +1,15 @@
 """GLUE benchmark: the paper's Table 4 (methods x tasks x seeds) and its sparsity ablation
 (Tables 11-12), on the GLUE tasks found in --data-dir, with the embedded MiniLM by default.
 
-    sparsegrad bench glue --data-dir ../shared/glue                # ~1 h on 2 CPU cores (subsampled)
+    sparsegrad bench glue --data-dir ../shared/glue --tasks cola sst2 wnli   # ~1 h on 2 CPU cores
     sparsegrad bench glue --data-dir glue/ --full --optimize 20    # the paper's protocol, for a GPU
 
 Each (task, method) is one `sparsegrad compare` entry: a fresh `sparsegrad finetune` process
 running every seed, so runs resume after an interruption (--resume) and peak memory is per
-method. The default is cut to finish in about an hour on 2 CPU cores: a fixed random
---max-train-samples 800 of each training set, 2 epochs, one shared lr (no search), full dev sets.
+method. The default is cut to finish in about an hour per three short-sentence tasks on 2 CPU
+cores (CoLA, SST-2, WNLI: ~55 min with the ablation; MRPC's sentence pairs cost ~3x per example):
+a fixed random --max-train-samples 800 of each training set, 2 epochs, one shared lr (no search),
+full dev sets.
 `--full` lifts the cut: whole training sets, the task's epochs (20) with early stopping.
 Options it does not know are passed on to `sparsegrad finetune` (e.g. --lr, --model, --optimize).
 
