@@ -268,6 +268,11 @@ def build(results: Path, output: Path) -> str:
         png = path.with_suffix(".png")
         plot_speed(speed, png)
         lines += [f"![speed and memory]({link(png.name)})", ""]
+    profiles = sorted((results / "profiles").glob("*.txt"))
+    if profiles:
+        lines += ["torch.profiler tables of one training step (`bench speed --profile`): "
+                  + ", ".join(f"[{p.stem.removeprefix('profile-')}]({link('profiles/' + p.name)})" for p in profiles)
+                  + ".", ""]
     lines += ["Paper, Table 3 (RoBERTa-base, GLUE average, GPU): "
               + "; ".join(f"{k} {v[0]} steps/s, {v[1]} MB" for k, v in PAPER_TABLE3.items())
               + ". Ratios: LoRA 1.14x FT's speed, SparseGrad 1.05x; memory LoRA 0.70x, SparseGrad 0.76x.", ""]
