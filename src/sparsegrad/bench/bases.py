@@ -30,7 +30,8 @@ LLAMA2_7B = {"up": (4096, 11008), "down": (11008, 4096)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--slices", type=int, default=132, help="gradient slices per role (the paper: 132 for BERT)")
+    p.add_argument("--slices", type=int, default=132,
+                   help="gradient slices per role at BERT-base shapes (the paper: 132; 0: skip)")
     p.add_argument("--llama-slices", type=int, default=0,
                    help="also stream LLaMA-2-7B shapes with this many slices per role (the paper: 120)")
     p.add_argument("--no-unfold", action="store_true", help="skip the unfold-and-SVD path")
@@ -113,13 +114,13 @@ def gram_flops(shapes: dict, n: int) -> float:
 
 
 def run(args: argparse.Namespace) -> dict:
-    if args.slices < 1:
-        raise ValueError(f"--slices {args.slices}: must be a positive integer")
+    if args.slices < 0 or args.llama_slices < 0 or not (args.slices or args.llama_slices):
+        raise ValueError("--slices / --llama-slices: slices per role, >= 0, at least one of them positive")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     cases = [("bert-base", BERT_BASE, args.slices,
-              ["streaming", "streaming-eigh32"] + ([] if args.no_unfold else ["unfold"]))]
+              ["streaming", "streaming-eigh32"] + ([] if args.no_unfold else ["unfold"]))] if args.slices else []
     if args.llama_slices:
         cases.append(("llama-2-7b", LLAMA2_7B, args.llama_slices, ["streaming-eigh32"]))
     for name, shapes, n, paths in cases:
