@@ -102,10 +102,8 @@ class _SupportPlan:
         return cols.unique().numel() < rows.unique().numel()
 
     @staticmethod
-    def build(rows: torch.Tensor, cols: torch.Tensor, d_in: int, d_out: int,
-              transposed: bool | None = None) -> _SupportPlan:
-        if transposed is None:
-            transposed = _SupportPlan.orientation(rows, cols)
+    def build(rows: torch.Tensor, cols: torch.Tensor, d_in: int, d_out: int) -> _SupportPlan:
+        transposed = _SupportPlan.orientation(rows, cols)
         if transposed:  # rotate the (fewer) columns: work on the transpose
             rows, cols, n = cols, rows, d_in
         else:
