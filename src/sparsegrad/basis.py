@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .targets import Targets, _is_conv1d, find_targets, in_out_features, role_of
+from .targets import Blocks, Targets, _is_conv1d, find_targets, in_out_features, role_of
 
 GROUP_BY = ("role", "shape", "layer")
 FORMAT_VERSION = 1
@@ -242,6 +242,7 @@ def compute_bases(
     n_steps: int,
     targets: Targets = None,
     *,
+    blocks: Blocks = None,
     group_by: str = "role",
     with_energy: bool = True,
     compute_dtype: torch.dtype = torch.float32,
@@ -254,6 +255,7 @@ def compute_bases(
         batches: yields dicts for ``model(**batch)`` with labels (the model returns `.loss`).
         n_steps: number of batches to backpropagate (the paper's n_steps).
         targets: MLP linears (default: per architecture, see sparsegrad.targets).
+        blocks: which blocks: None (all), a list of indices, or "every:3" (see targets.parse_blocks).
         group_by: "role" (one pair per layer role shared across blocks, the paper),
             "shape" (one pair per layer shape) or "layer" (one pair per layer).
         with_energy: replay the same batches once more to record each layer's energy
@@ -268,7 +270,7 @@ def compute_bases(
         raise ValueError(f"group_by={group_by!r} is not one of {GROUP_BY}")
     if not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
-    layers = find_targets(model, targets)
+    layers = find_targets(model, targets, blocks=blocks)
     steps: list[dict] = []
     for batch in batches:
         steps.append(batch)

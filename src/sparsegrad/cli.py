@@ -22,26 +22,35 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `finetune` and `compare` (compare passes them on to finetune)."""
     g = p.add_argument_group("task and data")
     g.add_argument("--task", default="bbcnews",
-                   help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, or bbcnews (embedded default)")
-    g.add_argument("--data-dir", help="GLUE folder: DIR/<TASK>/{train,dev}.tsv, or a datasets save_to_disk folder")
+                   help="cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli, bbcnews (embedded default), or chat "
+                        "(instruction tuning of a decoder)")
+    g.add_argument("--data-dir", help="GLUE folder: DIR/<TASK>/{train,dev}.tsv, or a datasets save_to_disk folder; "
+                                      "chat: a JSONL file of {\"messages\": [...]} (split by conversation tree), "
+                                      "a folder with train.jsonl + validation.jsonl, or a datasets folder")
     g.add_argument("--max-train-samples", type=int, help="a fixed random subset of the training set")
     g.add_argument("--max-eval-samples", type=int, help="a fixed random subset of each evaluation split")
     g.add_argument("--max-length", type=int, default=128, help="truncation length in tokens (default 128)")
     g = p.add_argument_group("model and method")
-    g.add_argument("--model", help="local model folder or hub name (default: the embedded all-MiniLM-L6-v2)")
+    g.add_argument("--model", help="local model folder or hub name (default: the embedded all-MiniLM-L6-v2; "
+                                   "chat: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--mode", default="fixed", choices=("fixed", "dynamic"), help="SparseGrad mode (default fixed)")
     g.add_argument("--density", type=float, help="share of each MLP weight that trains (default 0.01)")
     g.add_argument("--n-params", type=int, help="entries that train per MLP layer (instead of --density)")
-    g.add_argument("--rest", default="all", choices=RESTS,
-                   help="'all': every non-MLP parameter trains too (the paper); 'head': only the task head")
-    g.add_argument("--targets", nargs="+", help="MLP module names or suffixes (default: per architecture)")
+    g.add_argument("--rest", choices=RESTS,
+                   help="'all': every non-MLP parameter trains too (the paper's GLUE; default); 'head': only the "
+                        "task head; 'none': only the MLP part (default for chat)")
+    g.add_argument("--targets", nargs="+", help="MLP module names or suffixes (default: per architecture), "
+                                                "e.g. up_proj down_proj")
+    g.add_argument("--blocks", help="which blocks: all (default), a list '0,3,6', or 'every:3' (every third, from "
+                                    "block 0; 'every:3:1' from block 1)")
     g.add_argument("--lora-rank", type=int, help="LoRA rank (default: matched to the sparse trainable count)")
     g.add_argument("--bases", help="reuse bases saved by an earlier run (a bases.safetensors file)")
     g.add_argument("--bases-steps", type=int, default=11, help="preliminary-phase batches (default 11)")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, help="default: the task's (GLUE 20 as in the paper, bbcnews 2)")
     g.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument("--batch-size", type=int, default=16, help="examples per process and micro-batch (default 16)")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--lr", type=float, default=1e-4)
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--warmup-ratio", type=float, default=0.06)
@@ -53,6 +62,11 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                    help="first run N Optuna trials over lr and batch size, then the seeds with the best")
     g.add_argument("--mixed-precision", default="no", choices=("no", "bf16", "fp16"))
     g.add_argument("--cpu", action="store_true", help="train on the CPU even where CUDA is available")
+    g = p.add_argument_group("chat")
+    g.add_argument("--prompts", help="a JSONL prompt file (strings, {prompt}, {messages} or MT-Bench {turns}); the "
+                                     "best model's answers go to generations.jsonl")
+    g.add_argument("--max-prompts", type=int, help="answer only the first N prompts")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (default 128)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +104,10 @@ def _run_config(args: argparse.Namespace):
 
     return RunConfig(
         task=args.task, method=getattr(args, "method", "sparsegrad"), model=args.model, mode=args.mode,
-        density=args.density, n_params=args.n_params, rest=args.rest, targets=args.targets,
+        density=args.density, n_params=args.n_params, rest=args.rest, targets=args.targets, blocks=args.blocks,
         lora_rank=args.lora_rank, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, prompts=args.prompts, max_prompts=args.max_prompts,
+        max_new_tokens=args.max_new_tokens,
         lr=args.lr, weight_decay=args.weight_decay, warmup_ratio=args.warmup_ratio, max_length=args.max_length,
         patience=args.patience, eval_steps=args.eval_steps, save_steps=args.save_steps, data_dir=args.data_dir,
         max_train_samples=args.max_train_samples, max_eval_samples=args.max_eval_samples,
@@ -138,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = _run_config(args)
             if args.resume and not args.output_dir:
                 raise ValueError("--resume needs the --output-dir of the run to continue")
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.output_dir:
+                raise ValueError("several processes write one run: pass --output-dir (the same on every process)")
             out = Path(args.output_dir or f"sparsegrad-runs/{cfg.task}-{cfg.method}-{stamp}")
             summary = run_finetune(cfg, out, seeds=args.seeds, optimize_trials=args.optimize, bases=args.bases,
                                    resume=args.resume, progress=not args.no_progress)
@@ -152,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .experiment import markdown_table
 
+    if int(os.environ.get("RANK", "0")) != 0:  # one table per command, from rank 0
+        return 0
     print(markdown_table(summary["rows"]))
     print(f"\nresults: {out}/summary.json, {out}/summary.md", file=sys.stderr)
     if summary.get("failed"):

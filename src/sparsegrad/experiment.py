@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -37,7 +38,8 @@ def validate(cfg: RunConfig, bases: str | None = None) -> TaskData:
     ValueError otherwise. Returns the data (so it is read once)."""
     if cfg.density is not None and cfg.n_params is not None:
         raise ValueError("pass --density or --n-params, not both")
-    for name in ("epochs", "max_steps", "batch_size", "max_length", "bases_steps", "eval_steps", "save_steps"):
+    for name in ("epochs", "max_steps", "batch_size", "grad_accum", "max_length", "bases_steps", "eval_steps",
+                 "save_steps", "max_prompts", "max_new_tokens"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -48,8 +50,14 @@ def validate(cfg: RunConfig, bases: str | None = None) -> TaskData:
                          "bases.safetensors) or leave --bases out to compute them")
     data = load_task(cfg.task, cfg.data_dir, max_train_samples=cfg.max_train_samples,
                      max_eval_samples=cfg.max_eval_samples)
+    if cfg.prompts:
+        if not data.task.is_causal_lm:
+            raise ValueError("--prompts answers prompts with a decoder: it belongs to --task chat")
+        from .chat import read_prompts
+
+        read_prompts(cfg.prompts)
     _, model = load_model(cfg.model, data.task)
-    layers = find_targets(model, cfg.targets)
+    layers = find_targets(model, cfg.targets, blocks=cfg.blocks)
     try:
         sparse_budget(layers, cfg.density, cfg.n_params)
     except ValueError as err:
@@ -89,14 +97,15 @@ def _flat(command: dict) -> dict:
 
 def optimize(cfg: RunConfig, out: Path, n_trials: int, data: TaskData, bases_file: Path,
              progress: bool) -> dict:
-    """Optuna over lr (log-uniform in [1e-6, 1e-1]) and batch size {8, 16, 32}, maximising the
-    validation metric of cfg.seed. The study lives in out/optuna.db: a killed search resumes,
+    """Optuna over lr (log-uniform in [1e-6, 1e-1]) and batch size {8, 16, 32}, optimising the
+    validation metric of cfg.seed (maximising scores, minimising the chat loss). The study lives in out/optuna.db: a killed search resumes,
     and a trial killed midway is retried with its parameters (its run resumes from its checkpoint)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    maximize = data.task.greater_is_better
     study = optuna.create_study(study_name="finetune", storage=f"sqlite:///{out / 'optuna.db'}",
-                                direction="maximize", load_if_exists=True,
+                                direction="maximize" if maximize else "minimize", load_if_exists=True,
                                 sampler=optuna.samplers.TPESampler(seed=cfg.seed))
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
@@ -110,7 +119,9 @@ def optimize(cfg: RunConfig, out: Path, n_trials: int, data: TaskData, bases_fil
                           data=data, progress=progress)
         print(f"trial {trial.number}: lr {lr:.3e} batch {batch_size} -> {result['metric']} {result['score']:.4f}",
               file=sys.stderr)
-        return result["score"] if math.isfinite(result["score"]) else float("-inf")
+        if math.isfinite(result["score"]):
+            return result["score"]
+        return float("-inf") if maximize else float("inf")
 
     done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     if done < n_trials:
@@ -124,12 +135,17 @@ def optimize(cfg: RunConfig, out: Path, n_trials: int, data: TaskData, bases_fil
 
 def run_finetune(cfg: RunConfig, out: str | Path, *, seeds: list[int], optimize_trials: int = 0,
                  bases: str | None = None, resume: bool = False, progress: bool = True) -> dict:
-    """The `sparsegrad finetune` command: returns the summary (also written to out/)."""
+    """The `sparsegrad finetune` command: returns the summary (also written to out/).
+    Under torchrun / accelerate launch every process runs it; rank 0 owns the folder."""
     out = Path(out)
+    rank = int(os.environ.get("RANK", "0"))
+    if optimize_trials and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--optimize runs in one process: search first, then launch the seeds with torchrun")
     data = validate(cfg, bases)
     command = {"config": {k: v for k, v in cfg.identity().items() if k != "seed"}, "seeds": seeds,
                "optimize": optimize_trials, "bases": bases}
-    claim_folder(out, command, resume)
+    if rank == 0:
+        claim_folder(out, command, resume)
     bases_file = Path(bases) if bases else out / "bases.safetensors"
 
     search = None
@@ -142,8 +158,9 @@ def run_finetune(cfg: RunConfig, out: str | Path, *, seeds: list[int], optimize_
                      data=data, progress=progress) for s in seeds]
     summary = {"rows": [summary_row(runs)], "runs": [str(out / f"seed-{s}" / "results.json") for s in seeds],
                "search": search}
-    write_json_atomic(out / "summary.json", summary)
-    write_text_atomic(out / "summary.md", markdown_table(summary["rows"]) + "\n")
+    if rank == 0:
+        write_json_atomic(out / "summary.json", summary)
+        write_text_atomic(out / "summary.md", markdown_table(summary["rows"]) + "\n")
     return summary
 
 
@@ -159,12 +176,14 @@ def summary_row(runs: list[dict]) -> dict:
         "task": first["task"], "method": method_label(first["method"]), "rest": first["method"]["rest"],
         "metric": first["metric"], "mean": float(scores.mean()), "std": float(scores.std()),
         "seeds": [r["config"]["seed"] for r in runs], "scores": scores.tolist(),
-        "baseline": first["majority_baseline"][first["metric"]],
+        "baseline": first["baseline"][first["metric"]], "greater_is_better": first.get("greater_is_better", True),
         "trainable": first["method"]["trainable"], "trainable_mlp": first["method"]["trainable_mlp"],
         "total": first["method"]["total"], "lora_rank": first["method"]["lora_rank"],
         "steps_per_s": float(np.mean([r["steps_per_s"] for r in runs])),
         "peak_memory_mb": float(max(r["peak_memory_mb"] for r in runs)), "memory_kind": first["memory_kind"],
         "lr": first["config"]["lr"], "batch_size": first["config"]["batch_size"],
+        "adapter_bytes": (first.get("adapter") or {}).get("bytes"),
+        "model_bytes": (first.get("adapter") or {}).get("model_bytes"),
     }
     for split, metrics in first["final"].items():
         for name in metrics:
@@ -173,15 +192,19 @@ def summary_row(runs: list[dict]) -> dict:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The summary table: metric mean ± std (x100), trainable counts, speed and memory."""
-    head = ("| task | method | rest | metric | score | majority | trainable | MLP trainable | steps/s "
-            "| peak MB | lr | batch |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    """The summary table: metric mean ± std (scores x100, losses as they are), the baseline (majority
+    class, or the untrained model for chat), trainable counts, speed, memory and adapter size."""
+    head = ("| task | method | rest | metric | score | baseline | trainable | MLP trainable | steps/s "
+            "| peak MB | adapter MB | lr | batch |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for r in rows:
         method = r["method"] + (f" (r={r['lora_rank']})" if r.get("lora_rank") else "")
-        lines.append(f"| {r['task']} | {method} | {r['rest']} | {r['metric']} | {100 * r['mean']:.1f} ± "
-                     f"{100 * r['std']:.1f} | {100 * r['baseline']:.1f} | {r['trainable']:,} | {r['trainable_mlp']:,} "
-                     f"| {r['steps_per_s']:.2f} | {r['peak_memory_mb']:,.0f} | {r['lr']:.2e} | {r['batch_size']} |")
+        scale, digits = (100, 1) if r.get("greater_is_better", True) else (1, 3)
+        adapter = f"{r['adapter_bytes'] / 2**20:,.2f}" if r.get("adapter_bytes") else ""
+        lines.append(f"| {r['task']} | {method} | {r['rest']} | {r['metric']} | {scale * r['mean']:.{digits}f} ± "
+                     f"{scale * r['std']:.{digits}f} | {scale * r['baseline']:.{digits}f} | {r['trainable']:,} "
+                     f"| {r['trainable_mlp']:,} | {r['steps_per_s']:.2f} | {r['peak_memory_mb']:,.0f} | {adapter} "
+                     f"| {r['lr']:.2e} | {r['batch_size']} |")
     return "\n".join(lines)
 
 

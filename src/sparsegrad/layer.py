@@ -317,6 +317,9 @@ class SparseGradLinear(nn.Module):
         self._plan_key = None
         # [non-zero rows of dy, rows of dy] seen by backward since the last `take_row_counts` (Fig. 3)
         self.row_counts = [0, 0]
+        # dynamic / meprop: keep the top-k at every backward (the paper), or leave the full gradient
+        # for `sparsify_grad` to cut once it is complete (summed over micro-batches, reduced over ranks)
+        self.topk_in_backward = True
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -438,7 +441,7 @@ class SparseGradLinear(nn.Module):
         """Gradient of the trainable tensor from x (t, d_in) and dy (t, d_out), zero rows already skipped."""
         if self.mode == "meprop":  # top-k of dL/dW in the original space, (d_out, d_in)
             g = (dy.t() @ x).to(self.weight.dtype)  # (d_out, t) @ (t, d_in)
-            return _topk_dense(g, self.k)
+            return _topk_dense(g, self.k) if self.topk_in_backward else g
 
         basis_dtype = self.U.dtype
         if self.mode == "fixed":
@@ -456,7 +459,15 @@ class SparseGradLinear(nn.Module):
             s = self.U @ g @ self.V.t()  # (d_in, d_in) @ (d_in, d_out) @ (d_out, d_out)
         else:  # few tokens: (x U^T)^T (dy V^T)
             s = (x.to(basis_dtype) @ self.U.t()).t() @ (dy.to(basis_dtype) @ self.V.t())
-        return _topk_dense(s, self.k).to(self.delta.dtype)
+        return (_topk_dense(s, self.k) if self.topk_in_backward else s).to(self.delta.dtype)
+
+    @torch.no_grad()
+    def sparsify_grad(self) -> None:
+        """dynamic / meprop with topk_in_backward=False: keep the top-k entries of the complete
+        gradient (after accumulation and the data-parallel all-reduce), zeros elsewhere."""
+        grad = self.trainable.grad
+        if self.mode != "fixed" and grad is not None:
+            grad.copy_(_topk_dense(grad, self.k))
 
     def extra_repr(self) -> str:
         density = self.k / (self.in_features * self.out_features)

@@ -5,8 +5,9 @@
 - "meprop":     top-k of the weight gradient in the original space (k per layer);
 - "sparsegrad": top-k in the HOSVD basis ("fixed" or "dynamic" mode; needs bases).
 
-The rest of the model follows `rest`: "all" (the paper: every non-MLP parameter trains) or
-"head" (PEFT-style: only the task head, i.e. what lies outside `model.base_model`).
+The rest of the model follows `rest`: "all" (the paper's GLUE setting: every non-MLP parameter
+trains), "head" (PEFT-style: only the task head, i.e. what lies outside `model.base_model`) or
+"none" (only the method's MLP part: the decoder setting, where the LM head is tied to the embeddings).
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from torch import nn
 
 from .basis import Bases
 from .model import apply, layer_k, trainable_parameters
-from .targets import Targets, find_targets, in_out_features
+from .targets import Blocks, Targets, find_targets, in_out_features
 
 METHODS = ("ft", "lora", "meprop", "sparsegrad")
-RESTS = ("all", "head")
+RESTS = ("all", "head", "none")
 # spellings accepted for --method / --run-type (the authors' scripts call them run types)
 METHOD_ALIASES = {"regular": "ft", "full": "ft", "full_ft": "ft", "regular_ft": "ft", "sparse": "sparsegrad",
                   "sparse_grad": "sparsegrad", "sg": "sparsegrad"}
@@ -87,6 +88,7 @@ def prepare(
     density: float | None = None,
     n_params: int | None = None,
     targets: Targets = None,
+    blocks: Blocks = None,
     lora_rank: int | None = None,
     lora_alpha: float | None = None,
 ) -> MethodInfo:
@@ -94,13 +96,13 @@ def prepare(
     every requires_grad flag. Validates everything before changing the model."""
     method = canonical_method(method)
     if rest not in RESTS:
-        raise ValueError(f"rest={rest!r}: choose 'all' (every non-MLP parameter trains, as in the paper) "
-                         "or 'head' (only the task head)")
+        raise ValueError(f"rest={rest!r}: choose 'all' (every non-MLP parameter trains, as in the paper), "
+                         "'head' (only the task head) or 'none' (only the MLP part of the method)")
     if method == "sparsegrad" and mode not in ("fixed", "dynamic"):
         raise ValueError(f"mode={mode!r}: SparseGrad runs in 'fixed' or 'dynamic' mode")
     if method == "sparsegrad" and bases is None:
         raise ValueError("method 'sparsegrad' needs bases (compute_bases, or --bases FILE)")
-    layers = find_targets(model, targets)
+    layers = find_targets(model, targets, blocks=blocks)
     budget = sparse_budget(layers, density, n_params)
     head = head_parameters(model) if rest == "head" else None
 

