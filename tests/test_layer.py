@@ -246,3 +246,29 @@ def test_counts_nonzero_rows_of_dy(mode):
     assert take_row_share(holder) == pytest.approx(0.7)
     assert layer.row_counts == [0, 0] and take_row_share(holder) is None
     assert take_row_share(nn.Linear(2, 2)) is None
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "meprop"])
+def test_deferred_topk_is_taken_of_the_summed_gradient(mode):
+    """Accumulation / data parallelism: the top-k of the complete gradient, not a sum of per-part top-k's."""
+    from sparsegrad.model import defer_topk, sparsify_gradients
+
+    layer, lin = make_layer(mode)
+    x = torch.randn(2, 6, D_IN, dtype=f64)
+    S, W0, W_eff = effective_reference(layer, lin)
+    F.linear(x, W_eff, lin.bias).pow(2).sum().backward()
+    full = S.grad if mode == "dynamic" else W0.grad  # the complete gradient of the trained tensor
+
+    defer_topk(layer)
+    for part in (x[:1], x[1:]):  # two micro-batches (or two ranks' halves, once all-reduced)
+        layer(part).pow(2).sum().backward()
+    torch.testing.assert_close(layer.trainable.grad, full)  # nothing cut yet
+    sparsify_gradients(layer)
+    torch.testing.assert_close(layer.trainable.grad, topk_reference(full, K))
+
+    per_part = torch.zeros_like(full)  # what cutting each part would give: a different, wrong update
+    for part in (x[:1], x[1:]):
+        S2, W2, W_eff2 = effective_reference(layer, lin)
+        F.linear(part, W_eff2, lin.bias).pow(2).sum().backward()
+        per_part += topk_reference(S2.grad if mode == "dynamic" else W2.grad, K)
+    assert (per_part != 0).sum() > K and not torch.allclose(per_part, topk_reference(full, K))

@@ -24,6 +24,7 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -380,7 +381,9 @@ def finetune(
                    n_params=cfg.n_params, targets=targets, lora_rank=cfg.lora_rank)
     defer_topk(model)  # dynamic / meprop: top-k of the complete (accumulated, all-reduced) gradient
     raw = model  # the model itself; `model` may become its DDP wrapper
-    model = accelerator.prepare_model(model)
+    with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; accelerate has no new name yet
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        model = accelerator.prepare_model(model)
 
     epochs = cfg.epochs or task.default_epochs
     total_steps = epochs * len(batcher) if cfg.max_steps is None else min(cfg.max_steps, epochs * len(batcher))
