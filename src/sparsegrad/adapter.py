@@ -70,7 +70,7 @@ def save_adapter(model: nn.Module, folder: str | Path, *, base_model: str | None
                          "k": layer.k, "entries": int(values.numel()), "role": role}
         tensors[f"{name}.rows"] = rows.to(torch.int32).cpu()
         tensors[f"{name}.cols"] = cols.to(torch.int32).cpu()
-        tensors[f"{name}.values"] = values.float().cpu()
+        tensors[f"{name}.values"] = values.cpu()  # in the model's dtype
         sets = needed.setdefault(role, {"U": set(), "V": set()})
         sets["U"].update(rows.tolist())
         sets["V"].update(cols.tolist())
@@ -85,13 +85,13 @@ def save_adapter(model: nn.Module, folder: str | Path, *, base_model: str | None
             for side, basis in (("U", U), ("V", V)):
                 idx = torch.tensor(sorted(sets[side]), dtype=torch.long, device=basis.device)
                 tensors[f"basis.{role}.{side}_index"] = idx.to(torch.int32).cpu()
-                tensors[f"basis.{role}.{side}"] = basis.index_select(0, idx).float().cpu()
+                tensors[f"basis.{role}.{side}"] = basis.index_select(0, idx).cpu()
     sparse_params = {id(p) for n, layer in layers.items() if layer.mode != "meprop" for p in
                      layer.parameters(recurse=False) if p is not layer.bias}
     dense = []
     for pname, p in model.named_parameters():
         if p.requires_grad and id(p) not in sparse_params:
-            tensors[f"dense.{pname}"] = p.detach().float().cpu().contiguous()
+            tensors[f"dense.{pname}"] = p.detach().cpu().contiguous()
             dense.append(pname)
     config = {"format": FORMAT, "version": 1, "base_model": base_model, "layers": records, "dense": dense,
               "bases": bases_ref or "embedded"}

@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    if argv[:2] == ["bench", "glue"]:  # options it does not know go on to `sparsegrad finetune`
+    if argv[:2] in (["bench", "glue"], ["bench", "chat"]):  # options they do not know go on to `finetune`
         args, passthrough = parser.parse_known_args(argv)
     else:
         args, passthrough = parser.parse_args(argv), []
