@@ -3,7 +3,8 @@
 A folder holding
     adapter_config.json         format, base model, and per layer: mode, shapes, k, role
     adapter_model.safetensors   per SparseGrad layer its trained entries of S (d_in, d_out) as
-                                (rows, cols, values), the rows of U and V they need (once per role),
+                                (rows, cols, values) with int16 indices where they fit, the rows of U
+                                and V they need (once per role),
                                 or nothing of the bases when they are stored by reference; every other
                                 trained parameter whole (a task head, LayerNorms, LoRA factors, ...)
 
@@ -39,6 +40,11 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _index_dtype(*dims: int) -> torch.dtype:
+    """int16 indices where every dimension fits (up to 32,767: MLPs of models to ~7B), int32 otherwise."""
+    return torch.int16 if max(dims) <= torch.iinfo(torch.int16).max else torch.int32
+
+
 def _trained_entries(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(rows, cols, values) of the layer's non-zero S entries (fixed: its support; dynamic: delta's non-zeros)."""
     if layer.mode == "fixed":
@@ -68,8 +74,9 @@ def save_adapter(model: nn.Module, folder: str | Path, *, base_model: str | None
         role = role_of(name)
         records[name] = {"mode": layer.mode, "in_features": layer.in_features, "out_features": layer.out_features,
                          "k": layer.k, "entries": int(values.numel()), "role": role}
-        tensors[f"{name}.rows"] = rows.to(torch.int32).cpu()
-        tensors[f"{name}.cols"] = cols.to(torch.int32).cpu()
+        index = _index_dtype(layer.in_features, layer.out_features)
+        tensors[f"{name}.rows"] = rows.to(index).cpu()
+        tensors[f"{name}.cols"] = cols.to(index).cpu()
         tensors[f"{name}.values"] = values.cpu()  # in the model's dtype
         sets = needed.setdefault(role, {"U": set(), "V": set()})
         sets["U"].update(rows.tolist())
@@ -84,7 +91,7 @@ def save_adapter(model: nn.Module, folder: str | Path, *, base_model: str | None
             U, V = role_bases[role]
             for side, basis in (("U", U), ("V", V)):
                 idx = torch.tensor(sorted(sets[side]), dtype=torch.long, device=basis.device)
-                tensors[f"basis.{role}.{side}_index"] = idx.to(torch.int32).cpu()
+                tensors[f"basis.{role}.{side}_index"] = idx.to(_index_dtype(*basis.shape)).cpu()
                 tensors[f"basis.{role}.{side}"] = basis.index_select(0, idx).cpu()
     sparse_params = {id(p) for n, layer in layers.items() if layer.mode != "meprop" for p in
                      layer.parameters(recurse=False) if p is not layer.bias}
