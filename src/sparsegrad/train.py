@@ -289,8 +289,15 @@ def prepare_bases(model, batcher: Batcher, cfg: RunConfig, path: Path, progress:
             bases.save(path)
             result = bases, {"source": "computed", "seconds": seconds}
     if distributed:
+        import dataclasses
+
         import torch.distributed as dist
 
+        if result is not None:  # sent as CPU tensors: each rank moves them to its own device in `apply`
+            bases, info = result
+            result = dataclasses.replace(bases, U={k: v.cpu() for k, v in bases.U.items()},
+                                         V={k: v.cpu() for k, v in bases.V.items()},
+                                         energy={k: v.cpu() for k, v in bases.energy.items()}), info
         box = [result]
         dist.broadcast_object_list(box, src=0)
         result = box[0]
