@@ -206,6 +206,11 @@ class _SparseGradFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        with torch.autocast(dy.device.type, enabled=False):  # a backward run under autocast keeps its dtypes
+            return _SparseGradFn._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
         x, weight = ctx.saved_tensors
         layer: SparseGradLinear = ctx.layer
         d_in, d_out = layer.in_features, layer.out_features
@@ -422,7 +427,7 @@ class SparseGradLinear(nn.Module):
             rows, cols = flat // self.out_features, flat % self.out_features
             plan, values = _SupportPlan.build(rows, cols, self.in_features, self.out_features), diff.reshape(-1)[flat]
         a, b = plan.sides(self.U, self.V)
-        with record_function("sparsegrad.fold"):
+        with record_function("sparsegrad.fold"), torch.autocast(self.weight.device.type, enabled=False):
             plan.fold(self.weight.data, values.to(a.dtype), a, b)
         self._merged.copy_(current)
 

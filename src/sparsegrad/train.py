@@ -444,10 +444,10 @@ def finetune(
         for m, (batch, n) in enumerate(zip(micro, counts)):
             batch = {k: v.to(device) for k, v in batch.items()}
             sync = m == len(micro) - 1
-            with (accelerator.autocast(), contextlib.nullcontext() if sync else accelerator.no_sync(model)):
-                loss = model(**batch).loss
-                scaled = loss * (n * world / step_items)
-                accelerator.backward(scaled)
+            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                with accelerator.autocast():
+                    loss = model(**batch).loss
+                accelerator.backward(loss * (n * world / step_items))
             loss_sum += loss.item() * n
         sparsify_gradients(raw)
         share = take_row_share(raw)
