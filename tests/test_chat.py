@@ -143,6 +143,16 @@ def test_every_method_tunes_the_tiny_decoder(tiny_llama_dir, chat_file, tmp_path
     assert "| chat |" in table and "| loss |" in table
 
 
+@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
+def test_bf16_autocast_training(tiny_llama_dir, chat_file, tmp_path, mode):
+    """bfloat16 autocast: the frozen weights stay float32, the sparse backward and the fold run outside it."""
+    out = tmp_path / mode
+    assert main(_chat_args(tiny_llama_dir, chat_file, out, "--mode", mode, "--mixed-precision", "bf16")) == 0
+    r = json.loads((out / "seed-0" / "results.json").read_text())
+    assert r["config"]["mixed_precision"] == "bf16"
+    assert r["score"] < r["baseline"]["loss"] - 0.1, r["history"]
+
+
 def test_paper_setting_every_third_block_up_and_down_with_generation(tiny_llama_dir, chat_file, tmp_path):
     out = tmp_path / "paper"
     prompts = tmp_path / "prompts.jsonl"
