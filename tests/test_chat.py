@@ -206,3 +206,18 @@ def test_smollm2_end_to_end(oasst_file, tmp_path):
     assert r["adapter"]["bytes"] < r["adapter"]["model_bytes"] / 20
     assert (out / "seed-0" / "generations.jsonl").read_text().strip()
     assert torch.isfinite(torch.tensor(r["final"]["validation"]["perplexity"]))
+
+    # the adapter on a fresh SmolLM2 gives the trained model's outputs
+    from transformers import AutoModelForCausalLM
+
+    import sparsegrad
+    from sparsegrad.adapter import load_adapter
+    from sparsegrad.checkpoint import load_weights
+
+    trained = AutoModelForCausalLM.from_pretrained(folder)
+    sparsegrad.apply(trained, sparsegrad.Bases.load(out / "bases.safetensors"), targets=r["targets"])
+    load_weights(trained, out / "seed-0" / "best")
+    fresh = load_adapter(AutoModelForCausalLM.from_pretrained(folder), out / "seed-0" / "adapter")
+    ids = torch.tensor([enc["input_ids"].astype("int64")])
+    with torch.no_grad():
+        assert (trained(ids).logits - fresh(ids).logits).abs().max() < 1e-3  # logits of size ~10-30, float32

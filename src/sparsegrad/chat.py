@@ -202,7 +202,8 @@ def loss_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 @torch.no_grad()
 def evaluate_loss(model, tokenizer, encoded: list[dict], batch_size: int, device) -> dict[str, float]:
-    """Validation loss (mean over assistant tokens, in nats) and perplexity exp(loss)."""
+    """Validation loss (mean over assistant tokens, in nats) and perplexity exp(loss). `batch_size`
+    conversations at a time: their logits, (batch, length, vocabulary), are the memory that counts."""
     collate = Collator(tokenizer)
     was_training = model.training
     model.eval()

@@ -251,7 +251,8 @@ def evaluate(model, tokenizer, encoded: list[dict], cfg: RunConfig, device, task
     if task.is_causal_lm:
         from .chat import evaluate_loss
 
-        return evaluate_loss(model, tokenizer, encoded, cfg.eval_batch_size, device)
+        # the training batch size: a decoder's logits over the vocabulary dwarf everything else
+        return evaluate_loss(model, tokenizer, encoded, min(cfg.eval_batch_size, cfg.batch_size), device)
     preds = predict(model, tokenizer, encoded, cfg.eval_batch_size, device, task)
     return compute_metrics(task, preds, np.array([e["labels"] for e in encoded]))
 
@@ -318,11 +319,37 @@ def versions() -> dict[str, str]:
     return out
 
 
+def reset_peak_rss() -> None:
+    """Restart the kernel's high-water mark of this process's RSS (Linux; elsewhere a no-op)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss() -> int:
+    """Peak RSS in bytes since the last reset_peak_rss (VmHWM), else since the process began."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Measure the peak from here on (the training loop's, not model loading's)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+
+
 def peak_memory(device: torch.device) -> tuple[float, str]:
-    """(MB, what it is): the CUDA allocator's peak since reset, or the process's peak RSS."""
+    """(MB, what it is): the CUDA allocator's peak, or the process's peak RSS, since reset_peak_memory."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss_process"
+    return peak_rss() / 2**20, "cpu_peak_rss_training"
 
 
 def set_seed(seed: int) -> None:
@@ -351,6 +378,7 @@ def finetune(
     Under torchrun / accelerate launch every process calls this; rank 0 writes the files.
     """
     from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.state import AcceleratorState
     from transformers import get_linear_schedule_with_warmup
 
     run_dir = Path(run_dir)
@@ -363,6 +391,8 @@ def finetune(
     task = data.task
     set_seed(cfg.seed)
     tokenizer, model = load_model(cfg.model, task)
+    # runs in one process may differ in precision: forget the previous run's settings (not the process group)
+    AcceleratorState._reset_state()
     # the bases are shared, frozen buffers that every rank holds alike: DDP need not broadcast them
     accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
                               kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
@@ -425,8 +455,7 @@ def finetune(
 
     if task.is_causal_lm and state.baseline is None:  # the untrained model's validation loss
         state.baseline = evaluate(raw, tokenizer, evals[select_split], cfg, device, task)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     bar = tqdm(total=total_steps, initial=state.step, desc=f"{task.name} {info.method} seed {cfg.seed}",
                disable=not progress, dynamic_ncols=True)
     model.train()

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from .speed import machine, peak_rss, reset_peak_rss
+from ..train import peak_rss, reset_peak_rss
+from .speed import machine
 
 BERT_BASE = {"up": (768, 3072), "down": (3072, 768)}
 LLAMA2_7B = {"up": (4096, 11008), "down": (11008, 4096)}

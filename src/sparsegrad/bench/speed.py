@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from ..train import peak_rss, reset_peak_rss
 
 METHODS = ("ft", "lora", "meprop", "sparsegrad-fixed", "sparsegrad-dynamic")
 MODELS = ("minilm", "bert-base", "roberta-base", "bert-tiny")  # bert-tiny: 2 small layers, for smoke tests
@@ -117,24 +118,6 @@ def make_bases(model_name: str, path: Path, batch_size: int, seq: int, fill: flo
 
 
 # ---------------------------------------------------------------- one method, in its own process
-
-def reset_peak_rss() -> None:
-    """Restart the kernel's high-water mark of this process's RSS (Linux; elsewhere a no-op)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def peak_rss() -> int:
-    """Peak RSS in bytes since the last reset_peak_rss (VmHWM), else since the process began."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
 
 def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
