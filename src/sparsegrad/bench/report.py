@@ -330,8 +330,11 @@ def build(results: Path, output: Path) -> str:
                  "paper's setting: up and down projections of every third block (20 layers), 1% density, only "
                  f"the MLP part trains; options `{' '.join(c['meta']['argv'])}`; {c['meta']['wall_seconds'] / 60:.0f} "
                  "min. Validation loss is per assistant token (the best evaluation); 'untrained' is the model "
-                 "before fine-tuning. Adapter sizes: the files `finetune` writes (SparseGrad: int32 indices, "
-                 "values and the basis rows they touch; LoRA: its factors).")
+                 "before fine-tuning. Adapter sizes: the files `finetune` writes (SparseGrad: int16 indices, "
+                 "values and the basis rows they touch; LoRA: its factors; MeProp and full FT: the trained "
+                 "weights whole)." + (f" Answers of each method's model to the first MT-Bench prompts: "
+                                     f"[chat-generations/]({link('chat-generations')}/)."
+                                     if (results / "chat-generations").is_dir() else ""))
         lines += ["## Instruction tuning (paper Table 6)", "", setup, "", chat_bench.markdown(c), "",
                   ("Paper, Table 6 (LLaMA-2 7B, OpenAssistant, 1 epoch, lr 9e-4; up/down of every third block; "
                   "SparseGrad and MeProp ~100,000 entries per layer, 0.2%; LoRA rank 32): validation loss full FT "
