@@ -43,8 +43,9 @@ def check_conversation(messages, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: str | Path) -> list[dict]:
     """Conversations of a JSONL file: [{"messages": [...], "group": str}]."""
+    path = Path(path)
     if not path.is_file():
         raise _data_error(f"missing data file {path}: pass a JSONL file of {{\"messages\": [...]}} conversations")
     out = []
