@@ -218,6 +218,6 @@ def test_smollm2_end_to_end(oasst_file, tmp_path):
     sparsegrad.apply(trained, sparsegrad.Bases.load(out / "bases.safetensors"), targets=r["targets"])
     load_weights(trained, out / "seed-0" / "best")
     fresh = load_adapter(AutoModelForCausalLM.from_pretrained(folder), out / "seed-0" / "adapter")
-    ids = torch.tensor([enc["input_ids"].astype("int64")])
+    ids = torch.from_numpy(enc["input_ids"].astype("int64"))[None]
     with torch.no_grad():
         assert (trained(ids).logits - fresh(ids).logits).abs().max() < 1e-3  # logits of size ~10-30, float32
