@@ -43,25 +43,31 @@ def check_conversation(messages, where: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Conversations of a JSONL file: [{"messages": [...], "group": str}]."""
-    path = Path(path)
+def _json_lines(path: Path, missing: str):
+    """(line number, parsed JSON) for each non-empty line of `path`; `missing` is the error when it is absent."""
     if not path.is_file():
-        raise _data_error(f"missing data file {path}: pass a JSONL file of {{\"messages\": [...]}} conversations")
-    out = []
+        raise _data_error(missing)
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as err:
                 raise _data_error(f"{path}:{n}: not JSON ({err.msg})") from None
-            if not isinstance(row, dict) or "messages" not in row:
-                raise _data_error(f"{path}:{n}: expected an object with a 'messages' list "
-                                  "(OpenAssistant / chat-template style)")
-            group = row.get("tree_id") or row.get("conversation_id") or f"line-{n}"
-            out.append({"messages": check_conversation(row["messages"], f"{path}:{n}"), "group": str(group)})
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Conversations of a JSONL file: [{"messages": [...], "group": str}]."""
+    path = Path(path)
+    out = []
+    for n, row in _json_lines(path, f"missing data file {path}: pass a JSONL file of {{\"messages\": [...]}} "
+                                    "conversations"):
+        if not isinstance(row, dict) or "messages" not in row:
+            raise _data_error(f"{path}:{n}: expected an object with a 'messages' list "
+                              "(OpenAssistant / chat-template style)")
+        group = row.get("tree_id") or row.get("conversation_id") or f"line-{n}"
+        out.append({"messages": check_conversation(row["messages"], f"{path}:{n}"), "group": str(group)})
     if not out:
         raise _data_error(f"{path} holds no conversations")
     return out
@@ -226,33 +232,24 @@ def read_prompts(path: str | Path) -> list[list[dict]]:
     """Prompts for generation, one per JSONL line: a string, {"prompt": str}, {"messages": [...]}
     (the conversation so far) or MT-Bench's {"turns": [...]} (its first turn)."""
     path = Path(path)
-    if not path.is_file():
-        raise _data_error(f"--prompts {path}: no such file; pass a JSONL file of prompts")
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise _data_error(f"{path}:{n}: not JSON ({err.msg})") from None
-            if isinstance(row, str):
-                prompts.append([{"role": "user", "content": row}])
-            elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
-                prompts.append([{"role": "user", "content": row["prompt"]}])
-            elif isinstance(row, dict) and isinstance(row.get("turns"), list) and row["turns"]:
-                prompts.append([{"role": "user", "content": str(row["turns"][0])}])
-            elif isinstance(row, dict) and isinstance(row.get("messages"), list):
-                messages = [m for m in row["messages"] if isinstance(m, dict)]
-                while messages and messages[-1].get("role") == "assistant":  # answer the last user turn
-                    messages.pop()
-                if not messages:
-                    raise _data_error(f"{path}:{n}: the messages hold no user turn to answer")
-                prompts.append([{"role": m["role"], "content": m["content"]} for m in messages])
-            else:
-                raise _data_error(f"{path}:{n}: a prompt line is a JSON string, {{\"prompt\": ...}}, "
-                                  "{\"messages\": [...]} or {\"turns\": [...]}")
+    for n, row in _json_lines(path, f"--prompts {path}: no such file; pass a JSONL file of prompts"):
+        if isinstance(row, str):
+            prompts.append([{"role": "user", "content": row}])
+        elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            prompts.append([{"role": "user", "content": row["prompt"]}])
+        elif isinstance(row, dict) and isinstance(row.get("turns"), list) and row["turns"]:
+            prompts.append([{"role": "user", "content": str(row["turns"][0])}])
+        elif isinstance(row, dict) and isinstance(row.get("messages"), list):
+            messages = [m for m in row["messages"] if isinstance(m, dict)]
+            while messages and messages[-1].get("role") == "assistant":  # answer the last user turn
+                messages.pop()
+            if not messages:
+                raise _data_error(f"{path}:{n}: the messages hold no user turn to answer")
+            prompts.append([{"role": m["role"], "content": m["content"]} for m in messages])
+        else:
+            raise _data_error(f"{path}:{n}: a prompt line is a JSON string, {{\"prompt\": ...}}, "
+                              "{\"messages\": [...]} or {\"turns\": [...]}")
     if not prompts:
         raise _data_error(f"{path} holds no prompts")
     return prompts
