@@ -216,16 +216,17 @@ class Batcher:
             self._order = epoch, np.random.default_rng([self.seed, epoch]).permutation(len(self.encoded))
         return self._order[1]
 
+    def _step(self, epoch: int, i: int) -> np.ndarray:
+        return self.order(epoch)[i * self.step_size:(i + 1) * self.step_size]
+
     def micro_batches(self, epoch: int, i: int, first: int = 0, stride: int = 1) -> list[dict]:
         """Micro-batches first, first + stride, ... of step i (a process takes its rank, stride = processes)."""
-        idx = self.order(epoch)[i * self.step_size:(i + 1) * self.step_size]
-        parts = np.array_split(idx, self.chunks)
+        parts = np.array_split(self._step(epoch, i), self.chunks)
         return [self.collate([self.encoded[j] for j in part]) for part in parts[first::stride]]
 
     def batch(self, epoch: int, i: int) -> dict:
         """All the examples of step i as one batch (the preliminary phase)."""
-        idx = self.order(epoch)[i * self.step_size:(i + 1) * self.step_size]
-        return self.collate([self.encoded[j] for j in idx])
+        return self.collate([self.encoded[j] for j in self._step(epoch, i)])
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from ..train import peak_rss, reset_peak_rss
+from ..train import peak_rss, reset_peak_memory
 
 METHODS = ("ft", "lora", "meprop", "sparsegrad-fixed", "sparsegrad-dynamic")
 MODELS = ("minilm", "bert-base", "roberta-base", "bert-tiny")  # bert-tiny: 2 small layers, for smoke tests
@@ -165,9 +165,7 @@ def measure(spec: dict) -> dict:
              synthetic_batch(model, spec["batch_size"], spec["seq"], spec["fill"], seed=0).items()}
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        reset_peak_rss()  # the training loop's peak, not model loading's
+    reset_peak_memory(device)  # the training loop's peak, not model loading's
 
     def step(last: bool = False) -> dict | None:
         loss = model(**batch).loss
