@@ -5,9 +5,14 @@
     opt = sparsegrad.optimizer(model, lr=1e-4)                      # AdamW + lazy sparse AdamW
     ...train...
     sparsegrad.merge(model)                                         # back to plain nn.Linear
+
+This package is the method alone (torch, safetensors, transformers). The fine-tuning recipes --
+tasks, the training loop, the command line -- are `sparsegrad.recipes` (the `recipes` extra).
 """
+from .adapter import load_adapter, save_adapter
 from .basis import Bases, GramAccumulator, compute_bases
-from .layer import SparseGradLinear
+from .layer import DynamicSparseGradLinear, FixedSparseGradLinear, SparseGradLinear
+from .meprop import MePropLinear
 from .model import apply, merge, sparse_layers, trainable_parameters
 from .optim import SparseAdamW, optimizer
 from .targets import DEFAULT_TARGETS, find_targets
@@ -17,15 +22,20 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_TARGETS",
     "Bases",
+    "DynamicSparseGradLinear",
+    "FixedSparseGradLinear",
     "GramAccumulator",
+    "MePropLinear",
     "SparseAdamW",
     "SparseGradLinear",
     "__version__",
     "apply",
     "compute_bases",
     "find_targets",
+    "load_adapter",
     "merge",
     "optimizer",
+    "save_adapter",
     "sparse_layers",
     "trainable_parameters",
 ]

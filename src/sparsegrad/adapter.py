@@ -14,43 +14,27 @@ step, loading folds their sum once).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .layer import SparseGradLinear
 from .model import sparse_layers
-from .targets import in_out_features, is_linear_like, linear_weight, role_of
+from .sparse_linear import in_out_features, is_linear_like, linear_weight
+from .targets import role_of
+from .util import atomic_path, file_sha256
 
 FORMAT = "sparsegrad-adapter"
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _index_dtype(*dims: int) -> torch.dtype:
     """int16 indices where every dimension fits (up to 32,767: MLPs of models to ~7B), int32 otherwise."""
     return torch.int16 if max(dims) <= torch.iinfo(torch.int16).max else torch.int32
-
-
-def _trained_entries(layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(rows, cols, values) of the layer's non-zero S entries (fixed: its support; dynamic: delta's non-zeros)."""
-    if layer.mode == "fixed":
-        return layer.rows.long(), layer.cols.long(), layer.values.detach()
-    flat = layer.delta.detach().reshape(-1).nonzero().squeeze(1)
-    return flat // layer.out_features, flat % layer.out_features, layer.delta.detach().reshape(-1)[flat]
 
 
 def save_adapter(model: nn.Module, folder: str | Path, *, base_model: str | None = None,
@@ -68,9 +52,9 @@ def save_adapter(model: nn.Module, folder: str | Path, *, base_model: str | None
     needed: dict[str, dict[str, set]] = {}  # role -> {"U": rows of U, "V": rows of V}
     role_bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, layer in layers.items():
-        if layer.mode == "meprop":  # trains the weight itself, in the original space: saved whole below
+        if not isinstance(layer, SparseGradLinear):  # MeProp trains the weight itself: saved whole below
             continue
-        rows, cols, values = _trained_entries(layer)
+        rows, cols, values = layer.trained_entries()
         role = role_of(name)
         records[name] = {"mode": layer.mode, "in_features": layer.in_features, "out_features": layer.out_features,
                          "k": layer.k, "entries": int(values.numel()), "role": role}
@@ -85,7 +69,7 @@ def save_adapter(model: nn.Module, folder: str | Path, *, base_model: str | None
     bases_ref = None
     if bases_file is not None:
         bases_file = Path(bases_file)
-        bases_ref = {"file": str(bases_file.resolve()), "sha256": _file_sha256(bases_file)}
+        bases_ref = {"file": str(bases_file.resolve()), "sha256": file_sha256(bases_file)}
     else:  # the basis rows the entries use, once per role: basis.<role>.U (n, d_in) with their indices
         for role, sets in needed.items():
             U, V = role_bases[role]
@@ -93,8 +77,8 @@ def save_adapter(model: nn.Module, folder: str | Path, *, base_model: str | None
                 idx = torch.tensor(sorted(sets[side]), dtype=torch.long, device=basis.device)
                 tensors[f"basis.{role}.{side}_index"] = idx.to(_index_dtype(*basis.shape)).cpu()
                 tensors[f"basis.{role}.{side}"] = basis.index_select(0, idx).cpu()
-    sparse_params = {id(p) for n, layer in layers.items() if layer.mode != "meprop" for p in
-                     layer.parameters(recurse=False) if p is not layer.bias}
+    sparse_params = {id(p) for layer in layers.values() if isinstance(layer, SparseGradLinear)
+                     for p in layer.parameters(recurse=False) if p is not layer.bias}
     dense = []
     for pname, p in model.named_parameters():
         if p.requires_grad and id(p) not in sparse_params:
@@ -103,21 +87,17 @@ def save_adapter(model: nn.Module, folder: str | Path, *, base_model: str | None
     config = {"format": FORMAT, "version": 1, "base_model": base_model, "layers": records, "dense": dense,
               "bases": bases_ref or "embedded"}
 
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.rename(tmp, folder)
+    with atomic_path(folder) as tmp:
+        tmp.mkdir()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     return {"bytes": sum(f.stat().st_size for f in folder.iterdir()), "tensors": len(tensors)}
 
 
 def plain_model_bytes(model: nn.Module) -> int:
     """Bytes of the model's weights as a plain model (what save_pretrained writes after merging):
     every parameter except LoRA factors and SparseGrad's trained values."""
-    extra = {id(layer.trainable) for layer in sparse_layers(model).values() if layer.mode != "meprop"}
+    extra = {id(layer.trainable) for layer in sparse_layers(model).values() if isinstance(layer, SparseGradLinear)}
     return sum(p.numel() * p.element_size() for name, p in model.named_parameters()
                if id(p) not in extra and "lora_" not in name)
 
@@ -152,7 +132,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
         if not ref.is_file():
             raise FileNotFoundError(f"the adapter refers to the bases {ref}, which is missing: pass the model's "
                                     "bases file there, or save the adapter with its basis rows embedded")
-        if _file_sha256(ref) != config["bases"]["sha256"]:
+        if file_sha256(ref) != config["bases"]["sha256"]:
             raise ValueError(f"{ref} is not the bases file this adapter was trained with (sha256 differs)")
         bases = Bases.load(ref)
 

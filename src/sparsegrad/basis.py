@@ -6,14 +6,13 @@ gives a (d_in, d_out, N) tensor; its HOSVD factors are the eigenvectors of
     A = sum_n G_n G_n^T   (d_in, d_in)    ->  U = eigenvectors as rows
     B = sum_n G_n^T G_n   (d_out, d_out)  ->  V = eigenvectors as rows
 
-so each slice is folded into A and B as it arrives and dropped (DESIGN §2):
-memory d_in^2 + d_out^2 per role, never the stacked tensor.
+so each slice is folded into A and B as it arrives and dropped: memory d_in^2 + d_out^2 per role,
+never the stacked tensor (the paper's Sec. 3.1 stacks the N slices; docs/method.md shows the two agree).
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Self
@@ -23,7 +22,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .targets import Blocks, Targets, _is_conv1d, find_targets, in_out_features, role_of
+from .sparse_linear import in_out_features, is_conv1d
+from .targets import Blocks, Targets, find_targets, role_of
+from .util import atomic_path, to_device
 
 GROUP_BY = ("role", "shape", "layer")
 FORMAT_VERSION = 1
@@ -145,15 +146,8 @@ class Bases:
         tensors |= {f"energy/{k}": e.contiguous() for k, e in self.energy.items()}
         meta = {"format": "sparsegrad.bases", "version": str(FORMAT_VERSION),
                 "layers": json.dumps(self.layers), "info": json.dumps(self.info)}
-        path = os.fspath(path)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Bases:
@@ -182,10 +176,6 @@ def _basis_key(name: str, module: nn.Module, group_by: str) -> str:
     return name
 
 
-def _to_device(batch: Mapping, device: torch.device) -> dict:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 class _GradientTap:
     """Calls `fn(name, G)` with each target's weight gradient G (d_in, d_out) right after
     it is accumulated, then frees it; only the targets require grad meanwhile.
@@ -205,7 +195,7 @@ class _GradientTap:
             p.grad = None
         self._handles = []
         for name, module in self.layers.items():
-            conv = _is_conv1d(module)
+            conv = is_conv1d(module)
 
             def hook(p: torch.Tensor, name=name, conv=conv) -> None:
                 g = p.grad if conv else p.grad.t()  # (d_in, d_out)
@@ -221,7 +211,7 @@ class _GradientTap:
         device = next(self.model.parameters()).device
         for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
             with torch.enable_grad():
-                out = self.model(**_to_device(batch, device))
+                out = self.model(**to_device(batch, device))
             loss = getattr(out, "loss", None)
             if loss is None:
                 raise ValueError("model(**batch) returned no .loss: the batches must carry labels")

@@ -1,16 +1,34 @@
-"""Model conversion: put SparseGradLinear in place of the MLP linears, and take it out again."""
+"""Model conversion: put SparseGradLinear in place of the MLP linears, and take it out again;
+and the training loop's hooks into the converted layers (top-k timing, row statistics)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .basis import Bases
-from .layer import MODES, SparseGradLinear, check_k
-from .targets import Blocks, Targets, find_targets, in_out_features, set_submodule
+from .layer import MODES, layer_class
+from .sparse_linear import SparseLinear, check_k, in_out_features
+from .targets import Blocks, Targets, find_targets, set_submodule
 
 
-def sparse_layers(model: nn.Module) -> dict[str, SparseGradLinear]:
-    """Module name -> SparseGradLinear for every converted layer of `model`."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, SparseGradLinear)}
+def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
+    """Module name -> converted layer (SparseGradLinear, or the MePropLinear baseline) of `model`."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
+
+
+class _SharedBases:
+    """Each basis converted to a device and dtype once, whatever number of layers asks for it:
+    the layers of a role then hold one tensor between them (a copy per layer would cost
+    n_blocks times the bases' memory)."""
+
+    def __init__(self) -> None:
+        self._converted: dict[tuple, torch.Tensor] = {}
+
+    def get(self, basis: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (id(basis), device, dtype)
+        if key not in self._converted:
+            self._converted[key] = basis.to(device=device, dtype=dtype).contiguous()
+        return self._converted[key]
 
 
 def layer_k(d_in: int, d_out: int, density: float | None, n_params: int | None) -> int:
@@ -75,16 +93,21 @@ def apply(
                 raise ValueError(f"the bases hold no energy for {name!r}; recompute them with with_energy=True")
         plan[name] = (module, k, U, V, energy)
 
+    cls, shared = layer_class(mode), _SharedBases()
     for name, (module, k, U, V, energy) in plan.items():
-        device = module.weight.device
-        U = None if U is None else U.to(device)
-        V = None if V is None else V.to(device)
-        set_submodule(model, name, SparseGradLinear.from_linear(module, k=k, mode=mode, U=U, V=V, energy=energy))
+        if mode == "meprop":
+            layer = cls.from_linear(module, k=k)
+        else:
+            device, dtype = module.weight.device, module.weight.dtype
+            U, V = shared.get(U, device, dtype), shared.get(V, device, dtype)
+            extra = {"energy": energy} if mode == "fixed" else {}
+            layer = cls.from_linear(module, k=k, U=U, V=V, **extra)
+        set_submodule(model, name, layer)
     return model
 
 
 def merge(model: nn.Module) -> nn.Module:
-    """Replace every SparseGradLinear by a plain nn.Linear (or the original Conv1D) holding
+    """Replace every converted layer by a plain nn.Linear (or the original Conv1D) holding
     the trained effective weight, in place; return `model`. Outputs are unchanged."""
     layers = sparse_layers(model)
     if not layers:
@@ -120,7 +143,7 @@ def take_row_share(model: nn.Module) -> float | None:
 
 
 def defer_topk(model: nn.Module, defer: bool = True) -> None:
-    """dynamic / meprop layers: take the top-k of the complete gradient in `sparsify_gradients`
+    """Top-k layers (dynamic, meprop): take the top-k of the complete gradient in `sparsify_gradients`
     instead of at each backward. Needed for gradient accumulation and data parallelism, where the
     top-k must be taken of the summed (all-reduced) gradient, never per micro-batch or per rank."""
     for layer in sparse_layers(model).values():
@@ -132,4 +155,4 @@ def sparsify_gradients(model: nn.Module) -> None:
     deferred dynamic / meprop gradient. A no-op for fixed layers."""
     for layer in sparse_layers(model).values():
         if not layer.topk_in_backward:
-            layer.sparsify_grad()
+            layer.sparsify_grad()  # a no-op for fixed layers

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .layer import FixedSparseGradLinear
 from .model import sparse_layers
 
 
@@ -111,8 +112,8 @@ def optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, **adam_kwa
     if unknown:
         raise TypeError(f"unsupported optimizer arguments {sorted(unknown)}; sparsegrad.optimizer takes betas and eps")
     layers = sparse_layers(model).values()
-    lazy = {id(m.trainable) for m in layers if m.mode != "fixed"}
-    values = {id(m.trainable) for m in layers if m.mode == "fixed"}
+    values = {id(m.trainable) for m in layers if isinstance(m, FixedSparseGradLinear)}
+    lazy = {id(m.trainable) for m in layers} - values
     groups = {"sparse_lazy": [], "decay": [], "no_decay": []}
     seen = set()
     for name, p in model.named_parameters():

@@ -9,9 +9,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-import torch
 from torch import nn
 
+from .sparse_linear import SparseLinear, is_linear_like
 # Regular expressions over full module names, per `config.model_type`.
 _BERT_LIKE = r".*\.(intermediate\.dense|(?<!attention\.)output\.dense)"
 _LLAMA_LIKE = r".*\.mlp\.(gate_proj|up_proj|down_proj)"
@@ -81,25 +81,6 @@ def select_blocks(layers: dict[str, nn.Module], blocks: Blocks) -> dict[str, nn.
     return chosen
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    # transformers' Conv1D (GPT-2): weight (d_in, d_out), y = x @ W + b.
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or _is_conv1d(module)
-
-
-def linear_weight(module: nn.Module) -> torch.Tensor:
-    """The module's weight in nn.Linear orientation, shape (d_out, d_in)."""
-    return module.weight.t() if _is_conv1d(module) else module.weight
-
-
-def in_out_features(module: nn.Module) -> tuple[int, int]:
-    d_out, d_in = linear_weight(module).shape
-    return d_in, d_out
-
-
 def _matcher(targets: Targets, model: nn.Module):
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -119,25 +100,20 @@ def _matcher(targets: Targets, model: nn.Module):
     return suffixes, lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
 
 
-def find_targets(model: nn.Module, targets: Targets = None, *, blocks: Blocks = None,
-                 include_replaced: bool = False) -> dict[str, nn.Module]:
+def find_targets(model: nn.Module, targets: Targets = None, *, blocks: Blocks = None) -> dict[str, nn.Module]:
     """Module name -> linear module for every target of `model` in the chosen `blocks`, in model order.
 
     The paper's LLaMA setting, "up and down projections of every third block", is
     ``targets=["up_proj", "down_proj"], blocks="every:3"``.
-    Raises ValueError naming the targets when nothing matches, or when a match
-    is not a linear layer.
+    Layers already converted (SparseLinear) are left out. Raises ValueError naming the targets
+    when nothing matches, or when a match is not a linear layer.
     """
-    from .layer import SparseGradLinear
-
     spec, matches = _matcher(targets, model)
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if not name or not matches(name):
             continue
-        if isinstance(module, SparseGradLinear):
-            if include_replaced:
-                found[name] = module
+        if isinstance(module, SparseLinear):
             continue
         if not is_linear_like(module):
             raise ValueError(

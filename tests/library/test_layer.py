@@ -4,16 +4,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import sparsegrad.layer as layer_mod
+import sparsegrad.support as support_mod
 from sparsegrad import SparseGradLinear
-from sparsegrad.layer import topk_support
+from sparsegrad.support import topk_support
 
 D_IN, D_OUT, K = 12, 20, 17
 f64 = torch.float64
 
 
 def _SupportPlan_build(rows, cols):
-    return layer_mod._SupportPlan.build(rows, cols, D_IN, D_OUT)
+    return support_mod.SupportPlan.build(rows, cols, D_IN, D_OUT)
 
 
 def orthogonal(n: int, seed: int) -> torch.Tensor:
@@ -106,7 +106,7 @@ def test_support_plans(monkeypatch, support_kind, rotate_activations):
     """Both rotation sides (fewer distinct rows or columns) and both ways of rotating
     (the activations, or the dense G) give the exact gradient; a support given in any order is
     stored in plan order as int32 (values follow it), so the plan keeps no permutation or copy."""
-    monkeypatch.setattr(layer_mod, "_rotate_activations", lambda *shape: rotate_activations)
+    monkeypatch.setattr(support_mod, "_rotate_activations", lambda *shape: rotate_activations)
     if support_kind == "few_rows":  # 3 distinct rows, all columns: rotate rows
         rows = torch.tensor([1, 4, 9]).repeat_interleave(D_OUT)
         cols = torch.arange(D_OUT).repeat(3)

@@ -113,7 +113,7 @@ def test_unknown_architecture_needs_targets():
     with pytest.raises(ValueError, match="no default MLP targets.*pass targets"):
         sparsegrad.apply(Tiny(), None, mode="meprop")
     model = sparsegrad.apply(Tiny(), None, mode="meprop", targets=["fc"], n_params=3)
-    assert isinstance(model.fc, SparseGradLinear)
+    assert isinstance(model.fc, sparsegrad.MePropLinear)  # the baseline, converted by the same apply
 
 
 def _lm_batches(vocab: int, n: int = 3):

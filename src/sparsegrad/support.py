@@ -1,0 +1,127 @@
+"""The fixed support's kernels: the gradient of S at k scattered entries, and the fold of S into W.
+
+In paper orientation the weight gradient is G = x^T dy (d_in, d_out); with the bases U (d_in, d_in)
+and V (d_out, d_out) the transformed gradient is U G V^T. At a support of k entries only
+
+    dL/dS[i, j] = U[i] . G . V[j]       (k values)
+
+is needed: rotate the side of the support with fewer distinct indices (the rows of U it touches,
+or of V), then take a sampled product at the entries (see docs/method.md, "The fixed support").
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch.autograd.profiler import record_function
+
+from .sparse_linear import check_k
+
+
+def topk_support(energy: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major sorted (rows, cols) of the k largest entries of `energy` (d_in, d_out)."""
+    d_in, d_out = energy.shape
+    check_k(k, d_in, d_out)
+    flat = torch.topk(energy.reshape(-1).float(), k, sorted=False).indices.sort().values
+    return flat // d_out, flat % d_out
+
+
+@dataclass
+class SupportPlan:
+    """A scattered support arranged for rotating its smaller side.
+
+    In plan orientation the matrix is (m, n) = (d_in, d_out), or (d_out, d_in)
+    when `transposed`; `a` (m, m) rotates its rows and `b` (n, n) its columns.
+    Entries are sorted by (row, col) in plan orientation, as a CSR pattern over
+    the r distinct rows; `order` maps them back to the caller's order.
+    """
+
+    transposed: bool
+    order: torch.Tensor | None  # (k,) plan position -> caller position; None: already in plan order
+    uniq_rows: torch.Tensor  # (r,) distinct plan rows
+    crow: torch.Tensor  # (r + 1,) int32 CSR row pointer over the distinct rows
+    cols: torch.Tensor  # (k,) int32 plan column of each entry (the layer's own buffer when in plan order)
+    n: int  # plan columns
+
+    @staticmethod
+    def orientation(rows: torch.Tensor, cols: torch.Tensor) -> bool:
+        """Rotate the side with fewer distinct indices: transposed when that is the columns."""
+        return cols.unique().numel() < rows.unique().numel()
+
+    @staticmethod
+    def build(rows: torch.Tensor, cols: torch.Tensor, d_in: int, d_out: int) -> SupportPlan:
+        transposed = SupportPlan.orientation(rows, cols)
+        if transposed:  # rotate the (fewer) columns: work on the transpose
+            rows, cols, n = cols, rows, d_in
+        else:
+            n = d_out
+        key = rows.long() * n + cols.long()
+        order = None
+        if bool((key[1:] <= key[:-1]).any()):  # not in plan order: sort once, remember the permutation
+            order = torch.argsort(key)
+            rows, cols = rows[order], cols[order]
+        uniq_rows, counts = torch.unique_consecutive(rows.long(), return_counts=True)
+        crow = torch.zeros(uniq_rows.numel() + 1, dtype=torch.int32, device=rows.device)
+        crow[1:] = counts.cumsum(0)
+        return SupportPlan(transposed, order, uniq_rows, crow, cols.to(torch.int32), n)
+
+    def sides(self, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (d_in-side, d_out-side) pair, e.g. (U, V) or (x, dy), in plan orientation."""
+        return (second, first) if self.transposed else (first, second)
+
+    def _csr(self, values: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+            return torch.sparse_csr_tensor(
+                self.crow, self.cols, values, (self.uniq_rows.numel(), self.n), check_invariants=False
+            )
+
+    def gather(self, left: torch.Tensor, right: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(a @ left^T right @ b^T) at the support, in caller order.
+
+        left (t, m), right (t, n): the plan matrix is left^T right (G or G^T).
+        Forms the dense (m, n) gradient and its (r, n) rotation, or (t, r) rotated activations.
+        """
+        t, m = left.shape
+        r = self.uniq_rows.numel()
+        a_r = a[self.uniq_rows]  # (r, m)
+        if _rotate_activations(t, r, m, self.n):
+            with record_function("sparsegrad.rotated_activations"):
+                rot = (left @ a_r.t()).t() @ right  # rotated activations: (r, t) @ (t, n) -> (r, n)
+        else:
+            with record_function("sparsegrad.dense_weight_grad"):
+                g = left.t() @ right  # (m, t) @ (t, n): the dense gradient, as full FT computes it
+            with record_function("sparsegrad.rotate_rows"):
+                rot = a_r @ g  # (r, m) @ (m, n)
+            del g
+        with record_function("sparsegrad.sample_support"):
+            pattern = self._csr(torch.zeros(self.cols.numel(), dtype=rot.dtype, device=rot.device))
+            # sampled (r, n) @ (n, n) at the entries: rot[i] . b[j]  (zeros: beta * 0)
+            out = _sampled_addmm(pattern, rot, b.t()).values()
+        if self.order is None:
+            return out
+        result = torch.empty_like(out)
+        result[self.order] = out
+        return result
+
+    def fold(self, weight: torch.Tensor, values: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+        """weight (d_out, d_in) += (a^T S b) in weight orientation; S holds `values` (caller order)."""
+        values = values if self.order is None else values[self.order]
+        p = self._csr(values.to(a.dtype)) @ b  # (r, n) @ (n, n) -> (r, n)
+        a_r = a[self.uniq_rows].to(weight.dtype)  # (r, m)
+        if self.transposed:  # plan matrix is W itself: W += a_r^T @ p
+            weight.addmm_(a_r.t(), p.to(weight.dtype))
+        else:  # plan matrix is W^T: W += p^T @ a_r
+            weight.addmm_(p.t().to(weight.dtype), a_r)
+
+
+def _rotate_activations(t: int, r: int, m: int, n: int) -> bool:
+    """Is (left a_r^T)^T right cheaper than forming G = left^T right and rotating r of its rows?"""
+    return t * r * (m + n) <= t * m * n + r * m * n
+
+
+def _sampled_addmm(pattern: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse.sampled_addmm(pattern, mat1, mat2, beta=0.0)
