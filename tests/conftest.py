@@ -15,7 +15,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def minilm_path():
-    from sparsegrad.assets import minilm_path
+    from sparsegrad.recipes.assets import minilm_path
 
     return minilm_path()
 
@@ -43,7 +43,7 @@ def bbc_batches(minilm_path):
     """Real BBC News batches: 12 batches of 16 articles (balanced, shuffled), 64 tokens each."""
     from transformers import AutoTokenizer
 
-    from sparsegrad.assets import bbc_news
+    from sparsegrad.recipes.assets import bbc_news
 
     texts, labels, _ = bbc_news()
     order = list(range(len(texts)))

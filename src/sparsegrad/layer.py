@@ -61,11 +61,12 @@ class SparseGradLinear(SparseLinear):
     """
 
     def __new__(cls, *args, mode: str | None = None, **kwargs):
+        built = cls
         if cls is SparseGradLinear:
-            cls = layer_class(mode or "fixed")
-            if not issubclass(cls, SparseGradLinear):
+            built = layer_class(mode or "fixed")
+            if not issubclass(built, SparseGradLinear):
                 raise ValueError(f"mode={mode!r} is the MeProp baseline: build it with MePropLinear")
-        return super().__new__(cls)
+        return super().__new__(built)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, k: int,
                  U: torch.Tensor | None = None, V: torch.Tensor | None = None, mode: str | None = None,

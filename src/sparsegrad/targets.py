@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from .sparse_linear import SparseLinear, is_linear_like
+
 # Regular expressions over full module names, per `config.model_type`.
 _BERT_LIKE = r".*\.(intermediate\.dense|(?<!attention\.)output\.dense)"
 _LLAMA_LIKE = r".*\.mlp\.(gate_proj|up_proj|down_proj)"

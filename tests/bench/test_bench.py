@@ -9,7 +9,7 @@ import torch
 
 from sparsegrad.bench import bases as bases_bench
 from sparsegrad.bench import speed
-from sparsegrad.cli import main
+from sparsegrad.recipes.cli import main
 
 
 def test_speed_counts_training_state_exactly(tmp_path, capsys):

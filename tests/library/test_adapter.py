@@ -12,8 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sparsegrad
 from sparsegrad.adapter import load_adapter, plain_model_bytes, save_adapter
-from sparsegrad.chat import Collator, encode, read_jsonl
-from sparsegrad.methods import prepare
+from sparsegrad.recipes.chat import Collator, encode, read_jsonl
+from sparsegrad.recipes.methods import prepare
 
 
 @pytest.fixture(scope="module")

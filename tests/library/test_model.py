@@ -12,7 +12,6 @@ from transformers import (
 )
 
 import sparsegrad
-from sparsegrad import SparseGradLinear
 
 
 def logits(model, batch):

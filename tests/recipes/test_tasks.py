@@ -7,7 +7,9 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, matthews_corrcoef
 
-from sparsegrad.tasks import DataError, compute_metrics, get_task, load_task, majority_baseline
+from sparsegrad.recipes.data import load_task
+from sparsegrad.recipes.glue import compute_metrics, majority_baseline
+from sparsegrad.recipes.tasks import DataError, get_task
 
 
 @pytest.mark.parametrize("task, folder, train, dev", [

@@ -1,14 +1,28 @@
-"""Benchmarks behind `sparsegrad bench ...`: each module has add_arguments(parser) and main(args, passthrough).
+"""Benchmarks behind `sparsegrad bench ...`: each module has add_arguments(parser) and main(args).
 
-    layer   one MLP linear per method (python -m sparsegrad.bench.layer)
+    layer   one MLP linear per method: the kernels alone
     speed   whole models per method: steps/s, peak memory, training-state bytes (Tables 3, 7, 8)
     bases   the preliminary phase: streaming Gram sums against unfold-and-SVD
     glue    methods x GLUE tasks x seeds and the sparsity ablation (Tables 4, 11, 12)
     chat    instruction tuning of the embedded decoder per method (Table 6)
     report  docs/results.md and the pictures, from the JSON the others wrote
+
+They build on the library and the recipes; neither imports them.
 """
 from __future__ import annotations
 
-from . import bases, chat, glue, report, speed
+import argparse
 
-BENCHES = {"speed": speed, "bases": bases, "glue": glue, "chat": chat, "report": report}
+from . import bases, chat, glue, layer, report, speed
+
+BENCHES = {"layer": layer, "speed": speed, "bases": bases, "glue": glue, "chat": chat, "report": report}
+
+
+def add_bench_commands(parser: argparse.ArgumentParser) -> None:
+    """`bench <name>` subcommands; each sets args.bench_main to its module's main."""
+    kinds = parser.add_subparsers(dest="bench", required=True)
+    for name, module in BENCHES.items():
+        p = kinds.add_parser(name, help=module.__doc__.split("\n")[0], description=module.__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(bench_main=module.main)

@@ -1,4 +1,4 @@
-"""The preliminary phase's cost: streaming Gram sums + eigh against unfold-and-SVD (DESIGN §2).
+"""The preliminary phase's cost: streaming Gram sums + eigh against unfold-and-SVD (docs/method.md).
 
     sparsegrad bench bases                       # BERT-base MLP shapes, 132 slices per role, both paths
     sparsegrad bench bases --llama-slices 120    # also LLaMA-2-7B's 4096x11008, streaming only
@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..train import peak_rss, reset_peak_rss
-from .speed import machine
+from sparsegrad.basis import GramAccumulator, hosvd_unfold
+
+from ..recipes.machine import machine
+from ..recipes.memory import peak_rss, reset_peak_rss
+from ..recipes.process import run_in_process
 
 BERT_BASE = {"up": (768, 3072), "down": (3072, 768)}
 LLAMA2_7B = {"up": (4096, 11008), "down": (11008, 4096)}
@@ -61,8 +63,6 @@ def matmul_gflops(d_in: int, d_out: int, reps: int = 5) -> float:
 
 def measure(path: str, shapes: dict, n: int) -> dict:
     """One path over every role: {"seconds", "peak_bytes", "vectors"}."""
-    from ..basis import GramAccumulator, hosvd_unfold
-
     reset_peak_rss()
     base = peak_rss()
     seconds, vectors = 0.0, {}
@@ -101,15 +101,6 @@ def _worker(spec: dict) -> None:
     print(json.dumps({"seconds": r["seconds"], "peak_bytes": r["peak_bytes"], "gflops": rate}))
 
 
-def _run(path: str, shapes: dict, n: int, vectors: Path) -> dict:
-    spec = {"path": path, "shapes": shapes, "n": n, "vectors": str(vectors)}
-    proc = subprocess.run([sys.executable, "-m", "sparsegrad.bench.bases", json.dumps(spec)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bases bench ({path}) failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def gram_flops(shapes: dict, n: int) -> float:
     return sum(2 * n * d_in * d_out * (d_in + d_out) for d_in, d_out in shapes.values())
 
@@ -128,7 +119,8 @@ def run(args: argparse.Namespace) -> dict:
         found = {}
         for path in paths:
             print(f"{name}: {path}, {n} slices per role", file=sys.stderr, flush=True)
-            r = _run(path, shapes, n, out / f"vectors-{name}-{path}.pt")
+            r = run_in_process("sparsegrad.bench.bases:measure_path",
+                               {"path": path, "shapes": shapes, "n": n, "vectors": str(out / f"vectors-{name}-{path}.pt")})
             floor = gram_flops(shapes, n) / (r["gflops"] * 1e9)
             row = {"shapes": name, "path": path, "slices": n, "seconds": r["seconds"], "peak_bytes": r["peak_bytes"],
                    "matmul_gflops": r["gflops"], "gram_floor_s": floor, "x_floor": r["seconds"] / floor,
@@ -166,10 +158,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace, passthrough: list[str]) -> int:
+def main(args: argparse.Namespace) -> int:
     print(markdown(run(args)))
     return 0
-
-
-if __name__ == "__main__":
-    _worker(json.loads(sys.argv[1]))

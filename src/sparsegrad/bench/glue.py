@@ -4,14 +4,13 @@
     sparsegrad bench glue --data-dir ../shared/glue --tasks cola sst2 wnli   # ~1 h on 2 CPU cores
     sparsegrad bench glue --data-dir glue/ --full --optimize 20    # the paper's protocol, for a GPU
 
-Each (task, method) is one `sparsegrad compare` entry: a fresh `sparsegrad finetune` process
-running every seed, so runs resume after an interruption (--resume) and peak memory is per
-method. The default is cut to finish in about an hour per three short-sentence tasks on 2 CPU
+Each (task, method) is one `compare` entry: a fresh process running every seed, so runs resume
+after an interruption (--resume) and peak memory is per method. The default is cut to finish in about an hour per three short-sentence tasks on 2 CPU
 cores (CoLA, SST-2, WNLI: ~55 min with the ablation; MRPC's sentence pairs cost ~3x per example):
 a fixed random --max-train-samples 800 of each training set, 2 epochs, one shared lr (no search),
 full dev sets.
 `--full` lifts the cut: whole training sets, the task's epochs (20) with early stopping.
-Options it does not know are passed on to `sparsegrad finetune` (e.g. --lr, --model, --optimize).
+It takes every `sparsegrad finetune` option (e.g. --lr, --model, --optimize) for its runs.
 
 Output: out/<task>/... (compare folders), out/ablation-<task>/density-<d>/..., and
 out/glue.json + out/glue.md with the table, the per-method average and the ablation.
@@ -20,13 +19,19 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import write_json_atomic, write_text_atomic
-from ..experiment import claim_folder, run_compare
-from ..tasks import GLUE_FOLDERS, TASKS
+from sparsegrad.util import write_json_atomic, write_text_atomic
+
+from ..recipes.compare import run_compare
+from ..recipes.config import RunConfig, from_args
+from ..recipes.config import add_arguments as add_config_arguments
+from ..recipes.experiment import claim_folder
+from ..recipes.results import SummaryRow
+from ..recipes.tasks import GLUE_FOLDERS, TASKS
 
 METHODS = ("ft", "lora", "meprop", "sparsegrad-fixed", "sparsegrad-dynamic")
 DENSITIES = (0.005, 0.01, 0.02, 0.04)
@@ -35,20 +40,18 @@ QUICK = {"max_train_samples": 800, "epochs": 2}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", required=True, help="GLUE folder: DIR/<TASK>/{train,dev}.tsv")
     p.add_argument("--tasks", nargs="+", help="default: every GLUE task found in --data-dir")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--densities", type=float, nargs="*", default=list(DENSITIES),
                    help="sparsity ablation: SparseGrad fixed at these densities (none: no ablation)")
     p.add_argument("--ablation-task", default="sst2", help="the task of the ablation (default sst2)")
-    p.add_argument("--max-train-samples", type=int, default=QUICK["max_train_samples"],
-                   help=f"training subset per task (default {QUICK['max_train_samples']}; --full: all)")
-    p.add_argument("--epochs", type=int, default=QUICK["epochs"],
-                   help=f"default {QUICK['epochs']}; --full: the task's own (20, with early stopping)")
-    p.add_argument("--full", action="store_true", help="the paper's protocol: whole training sets, 20 epochs")
+    p.add_argument("--full", action="store_true", help="the paper's protocol: whole training sets, the task's "
+                                                       "epochs (20, with early stopping)")
     p.add_argument("--output-dir", default="bench-results/glue")
     p.add_argument("--resume", action="store_true")
+    add_config_arguments(p, RunConfig, skip=("task", "method", "mode", "density"), group="runs",
+                         defaults=QUICK)
 
 
 def available_tasks(data_dir: str | Path) -> list[str]:
@@ -56,9 +59,11 @@ def available_tasks(data_dir: str | Path) -> list[str]:
     return [t for t, folder in GLUE_FOLDERS.items() if (Path(data_dir) / folder / "train.tsv").is_file()]
 
 
-def run(args: argparse.Namespace, passthrough: list[str]) -> dict:
+def run(args: argparse.Namespace) -> dict:
     """Every task's compare, then the ablation; writes out/glue.json and out/glue.md."""
     out = Path(args.output_dir)
+    if not args.data_dir:
+        raise ValueError("bench glue needs --data-dir: a GLUE folder with DIR/<TASK>/{train,dev}.tsv")
     tasks = args.tasks or available_tasks(args.data_dir)
     if not tasks:
         raise ValueError(f"--data-dir {args.data_dir}: no GLUE task folder with a train.tsv "
@@ -69,83 +74,80 @@ def run(args: argparse.Namespace, passthrough: list[str]) -> dict:
     for d in args.densities:
         if not 0 < d <= 1:
             raise ValueError(f"--densities {d}: a density is a share of each layer's entries, in (0, 1]")
-    size = [] if args.full else ["--max-train-samples", str(args.max_train_samples), "--epochs", str(args.epochs)]
-    common = ["--data-dir", str(args.data_dir), "--seeds", *map(str, args.seeds), "--no-progress", *size,
-              *passthrough]
+    base = from_args(RunConfig, args)
+    if args.full:
+        base = replace(base, max_train_samples=None, epochs=None)
+    defaults = RunConfig().identity()
+    changed = {k: v for k, v in base.identity().items() if v != defaults[k] and k != "data_dir"}
     command = {"bench": "glue", "tasks": tasks, "methods": args.methods, "densities": args.densities,
-               "ablation_task": args.ablation_task, "argv": common}
+               "ablation_task": args.ablation_task, "seeds": args.seeds, "config": base.identity()}
     claim_folder(out, command, args.resume)
     start = time.time()
 
-    tables = {}
-    for task in tasks:
-        summary = run_compare(args.methods, ["--task", task, *common], out / task, resume=_started(out / task))
-        tables[task] = summary["rows"]
+    def compare(methods: list[str], cfg: RunConfig, folder: Path, bases: str | None = None) -> list[SummaryRow]:
+        started = (folder / "command.json").is_file()  # resume a compare this benchmark already began
+        return run_compare(methods, cfg, folder, seeds=args.seeds, bases=bases, resume=started).rows
+
+    tables = {task: compare(args.methods, replace(base, task=task), out / task) for task in tasks}
 
     ablation = []
     if args.densities:
         task = args.ablation_task
         bases = out / task / "sparsegrad-fixed" / "bases.safetensors"
         for d in args.densities:
-            if d == DEFAULT_DENSITY and any(r["method"] == "sparsegrad-fixed" for r in tables.get(task, [])):
-                rows = [r for r in tables[task] if r["method"] == "sparsegrad-fixed"]
-            else:
-                argv = ["--task", task, *common, "--density", str(d)] + (["--bases", str(bases)] if bases.is_file() else [])
-                folder = out / f"ablation-{task}" / f"density-{d:g}"
-                rows = run_compare(["sparsegrad-fixed"], argv, folder, resume=_started(folder))["rows"]
-            ablation += [{**r, "density": d} for r in rows]
+            rows = [r for r in tables.get(task, []) if r.method == "sparsegrad-fixed"]
+            if d != DEFAULT_DENSITY or not rows:
+                rows = compare(["sparsegrad-fixed"], replace(base, task=task, density=d),
+                               out / f"ablation-{task}" / f"density-{d:g}", str(bases) if bases.is_file() else None)
+            ablation += [{**r.to_dict(), "density": d} for r in rows]
 
     result = {"meta": {"tasks": tasks, "methods": args.methods, "seeds": args.seeds, "full": args.full,
-                       "max_train_samples": None if args.full else args.max_train_samples,
-                       "epochs": None if args.full else args.epochs, "passthrough": passthrough,
-                       "wall_seconds": time.time() - start},
-              "tables": tables, "average": averages(tables), "ablation": ablation}
+                       "max_train_samples": base.max_train_samples, "epochs": base.epochs,
+                       "options": changed, "wall_seconds": time.time() - start},
+              "tables": {t: [r.to_dict() for r in rows] for t, rows in tables.items()},
+              "average": averages(tables), "ablation": ablation}
     write_json_atomic(out / "glue.json", result)
     write_text_atomic(out / "glue.md", markdown(result) + "\n")
     return result
 
 
-def _started(folder: Path) -> bool:
-    """Resume a compare folder this benchmark already began (after an interruption)."""
-    return (folder / "command.json").is_file()
-
-
-def averages(tables: dict[str, list[dict]]) -> dict[str, dict]:
+def averages(tables: dict[str, list[SummaryRow]]) -> dict[str, dict]:
     """Per method: the mean over tasks of the per-task mean score, and its std over seeds
     (the per-seed average over tasks)."""
-    by_method: dict[str, list[dict]] = {}
+    by_method: dict[str, list[SummaryRow]] = {}
     for rows in tables.values():
         for r in rows:
-            by_method.setdefault(r["method"], []).append(r)
+            by_method.setdefault(r.method, []).append(r)
     out = {}
     for method, rows in by_method.items():
         if len(rows) != len(tables):
             continue  # a method missing on some task has no average
-        per_seed = np.mean([r["scores"] for r in rows], axis=0)
+        per_seed = np.mean([r.scores for r in rows], axis=0)
         out[method] = {"mean": float(per_seed.mean()), "std": float(per_seed.std()), "tasks": len(rows),
-                       "trainable": rows[0]["trainable"], "trainable_mlp": rows[0]["trainable_mlp"]}
+                       "trainable": rows[0].trainable, "trainable_mlp": rows[0].trainable_mlp}
     return out
 
 
 def markdown(result: dict) -> str:
     """Table 4-like: one row per method, one column per task (metric mean ± std over seeds, x100)."""
-    tables, avg = result["tables"], result["average"]
+    tables = {t: [SummaryRow.from_dict(r) for r in rows] for t, rows in result["tables"].items()}
+    avg = result["average"]
     tasks = list(tables)
-    methods = list(dict.fromkeys(r["method"] for rows in tables.values() for r in rows))
-    metric = {t: rows[0]["metric"] for t, rows in tables.items() if rows}
+    methods = list(dict.fromkeys(r.method for rows in tables.values() for r in rows))
+    metric = {t: rows[0].metric for t, rows in tables.items() if rows}
     head = "| method | trainable | MLP trainable | " + " | ".join(f"{t} ({metric.get(t, '')})" for t in tasks) + " | average |"
     lines = [head, "|---|---:|---:|" + "---:|" * (len(tasks) + 1)]
     for m in methods:
         cells, first = [], None
         for t in tasks:
-            row = next((r for r in tables[t] if r["method"] == m), None)
+            row = next((r for r in tables[t] if r.method == m), None)
             first = first or row
-            cells.append(f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f}" if row else "failed")
+            cells.append(f"{100 * row.mean:.1f} ± {100 * row.std:.1f}" if row else "failed")
         a = avg.get(m)
-        name = m + (f" (r={first['lora_rank']})" if first and first.get("lora_rank") else "")
-        lines.append(f"| {name} | {first['trainable']:,} | {first['trainable_mlp']:,} | " + " | ".join(cells)
+        name = m + (f" (r={first.lora_rank})" if first and first.lora_rank else "")
+        lines.append(f"| {name} | {first.trainable:,} | {first.trainable_mlp:,} | " + " | ".join(cells)
                      + (f" | {100 * a['mean']:.1f} ± {100 * a['std']:.1f} |" if a else " | |"))
-    majority = " | ".join(f"{100 * tables[t][0]['baseline']:.1f}" if tables[t] else "" for t in tasks)
+    majority = " | ".join(f"{100 * tables[t][0].baseline:.1f}" if tables[t] else "" for t in tasks)
     lines.append(f"| majority class | 0 | 0 | {majority} | |")
     if result["ablation"]:
         lines += ["", f"Sparsity ablation (SparseGrad fixed, {result['ablation'][0]['task']}):", "",
@@ -156,8 +158,8 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace, passthrough: list[str]) -> int:
-    result = run(args, passthrough)
+def main(args: argparse.Namespace) -> int:
+    result = run(args)
     print(markdown(result))
     print(f"\nresults: {Path(args.output_dir) / 'glue.json'}, {Path(args.output_dir) / 'glue.md'}")
     return 0

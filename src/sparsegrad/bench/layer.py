@@ -1,6 +1,6 @@
 """Layer benchmark: forward + backward + optimizer step of one MLP linear, per method.
 
-    python -m sparsegrad.bench.layer [--tokens 2048] [--density 0.01] [--json out.json]
+    sparsegrad bench layer [--tokens 2048] [--density 0.01] [--output-dir bench-results/layer]
 
 Methods at equal trainable entries k = density * d_in * d_out: nn.Linear full
 fine-tuning (torch AdamW), LoRA (peft, rank k / (d_in + d_out)), MeProp, and
@@ -14,35 +14,41 @@ Times are medians; every figure is also given as a ratio to full FT measured
 in the same run.
 
 The fixed mode's support comes from a synthetic energy whose rows and columns
-decay like a spectrum (as real energies do, DESIGN §3); the table reports how
+decay like a spectrum (as real energies do, docs/method.md); the table reports how
 many distinct rows / columns it touches, which sets the extra rotation cost.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
 
-METHODS = ("full_ft", "lora", "meprop", "sparsegrad_dynamic", "sparsegrad_fixed")
+import sparsegrad
+from sparsegrad.layer import layer_class
+
+from ..recipes.machine import machine
+from ..recipes.memory import current_rss, peak_memory, reset_peak_memory
+from ..recipes.methods import inject_lora, split_label
+from ..recipes.process import run_in_process
+
+METHODS = ("ft", "lora", "meprop", "sparsegrad-dynamic", "sparsegrad-fixed")
 SHAPES = ((768, 3072), (3072, 768))  # BERT-base MLP: up and down projections
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokens", type=int, default=16 * 128, help="tokens per step (batch x sequence; default 2048)")
+    p.add_argument("--density", type=float, default=0.01, help="trained share of each layer's entries")
+    p.add_argument("--iters", type=int, default=10, help="timed steps per method (after 2 warm-up steps)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the fastest is kept")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output-dir", default="bench-results/layer")
 
 def _orthogonal(n: int, device) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(n, n, device=device))[0]
@@ -57,27 +63,23 @@ def _spectral_energy(d_in: int, d_out: int, device) -> torch.Tensor:
 
 def _build(method: str, d_in: int, d_out: int, k: int, device):
     """(module, optimizer, trainable count, extra info) for one method."""
-    import sparsegrad
-    from sparsegrad import SparseGradLinear
-
     linear = nn.Linear(d_in, d_out, device=device)
-    if method == "full_ft":
+    if method == "ft":
         return linear, torch.optim.AdamW(linear.parameters(), lr=1e-4), linear.weight.numel() + d_out, {}
     linear.bias.requires_grad_(False)  # as in LoRA: only the method's own entries train
     if method == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
-
         rank = max(1, round(k / (d_in + d_out)))
         holder = nn.Module()
         holder.dense = linear
-        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["dense"]), holder)
+        inject_lora(holder, ["dense"], rank)
         params = [p for p in holder.parameters() if p.requires_grad]
-        module = holder.dense
-        return module, torch.optim.AdamW(params, lr=1e-4), sum(p.numel() for p in params), {"rank": rank}
-    mode = method.removeprefix("sparsegrad_")
-    U, V = (None, None) if mode == "meprop" else (_orthogonal(d_in, device), _orthogonal(d_out, device))
-    energy = _spectral_energy(d_in, d_out, device) if mode == "fixed" else None
-    layer = SparseGradLinear.from_linear(linear, k=k, mode=mode, U=U, V=V, energy=energy)
+        return holder.dense, torch.optim.AdamW(params, lr=1e-4), sum(p.numel() for p in params), {"rank": rank}
+    name, mode = split_label(method)
+    mode = mode or name  # "meprop" or a SparseGrad mode
+    kwargs = {} if mode == "meprop" else {"U": _orthogonal(d_in, device), "V": _orthogonal(d_out, device)}
+    if mode == "fixed":
+        kwargs["energy"] = _spectral_energy(d_in, d_out, device)
+    layer = layer_class(mode).from_linear(linear, k=k, **kwargs)
     info = {}
     if mode == "fixed":
         info = {"support_rows": int(layer.rows.unique().numel()), "support_cols": int(layer.cols.unique().numel())}
@@ -100,17 +102,16 @@ def _state_bytes(module: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, in
     return grads + state + buffers, _nbytes(bases)
 
 
-def run_worker(method: str, d_in: int, d_out: int, tokens: int, density: float, iters: int, device: str) -> dict:
+def measure(spec: dict) -> dict:
+    """In a fresh process: one (shape, method); peak memory above what the process held before."""
     import peft  # noqa: F401  (imports count before the baseline, not against a method)
 
-    import sparsegrad  # noqa: F401
-
+    method, d_in, d_out = spec["method"], spec["d_in"], spec["d_out"]
+    tokens, density, iters = spec["tokens"], spec["density"], spec["iters"]
     torch.manual_seed(0)
-    dev = torch.device(device)
-    base_rss = _rss_bytes()
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base_alloc = torch.cuda.memory_allocated()
+    dev = torch.device(spec["device"])
+    reset_peak_memory(dev)
+    base = current_rss() if dev.type == "cpu" else torch.cuda.memory_allocated(dev)
     k = max(1, round(density * d_in * d_out))
     module, opt, trainable, info = _build(method, d_in, d_out, k, dev)
     x = torch.randn(tokens, d_in, device=dev, requires_grad=True)
@@ -136,33 +137,34 @@ def run_worker(method: str, d_in: int, d_out: int, tokens: int, density: float, 
     y = module(x)  # state of a step in flight, for the exact count
     y.backward(dy)
     state, bases = _state_bytes(module, opt)
-    peak = torch.cuda.max_memory_allocated() - base_alloc if dev.type == "cuda" else _peak_rss_bytes() - base_rss
+    peak = peak_memory(dev)[0] - base
     return {"method": method, "d_in": d_in, "d_out": d_out, "tokens": tokens, "k": k, "trainable": trainable,
             "step_s": statistics.median(times), "peak_bytes": peak, "state_bytes": state, "bases_bytes": bases,
             **info}
 
 
-def run(tokens: int, density: float, iters: int, device: str, repeats: int = 2) -> list[dict]:
+def run(args: argparse.Namespace) -> list[dict]:
     """Every (shape, method) in a fresh process, `repeats` interleaved rounds; best round kept."""
+    if "ft" not in args.methods:
+        raise ValueError("--methods: include ft, the baseline every ratio is taken against")
     best: dict[tuple, dict] = {}
-    for round_ in range(repeats):
+    for round_ in range(args.repeats):
         for d_in, d_out in SHAPES:
-            for method in METHODS:
-                cmd = [sys.executable, "-m", "sparsegrad.bench.layer", "--worker", method, "--shape", f"{d_in}x{d_out}",
-                       "--tokens", str(tokens), "--density", str(density), "--iters", str(iters), "--device", device]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                row = json.loads(out.strip().splitlines()[-1])
+            for method in args.methods:
+                spec = {"method": method, "d_in": d_in, "d_out": d_out, "tokens": args.tokens,
+                        "density": args.density, "iters": args.iters, "device": args.device}
+                row = run_in_process("sparsegrad.bench.layer:measure", spec)
                 key = (d_in, d_out, method)
                 if key not in best or row["step_s"] < best[key]["step_s"]:
                     best[key] = row
-                print(f"  round {round_ + 1}/{repeats} {d_in}->{d_out} {method}: {row['step_s'] * 1e3:.1f} ms",
-                      file=sys.stderr)
+                print(f"  round {round_ + 1}/{args.repeats} {d_in}->{d_out} {method}: {row['step_s'] * 1e3:.1f} ms",
+                      file=sys.stderr, flush=True)
     rows = list(best.values())
     for row in rows:
-        ref = best[(row["d_in"], row["d_out"], "full_ft")]
-        row["time_vs_full_ft"] = row["step_s"] / ref["step_s"]
-        row["peak_vs_full_ft"] = row["peak_bytes"] / ref["peak_bytes"]
-        row["state_vs_full_ft"] = row["state_bytes"] / ref["state_bytes"]
+        ref = best[(row["d_in"], row["d_out"], "ft")]
+        row["time_vs_ft"] = row["step_s"] / ref["step_s"]
+        row["peak_vs_ft"] = row["peak_bytes"] / ref["peak_bytes"] if ref["peak_bytes"] > 0 else None
+        row["state_vs_ft"] = row["state_bytes"] / ref["state_bytes"]
     return rows
 
 
@@ -173,38 +175,22 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         note = f"rank {r['rank']}" if "rank" in r else (
             f"support {r['support_rows']} rows x {r['support_cols']} cols" if "support_rows" in r else "")
+        peak_ratio = f"{r['peak_vs_ft']:.2f}" if r["peak_vs_ft"] is not None else ""
         lines.append(
             f"| {r['d_in']}->{r['d_out']} | {r['method']} | {r['trainable']:,} | {r['step_s'] * 1e3:.1f} | "
-            f"{r['time_vs_full_ft']:.2f} | {r['peak_bytes'] / 2**20:.1f} | {r['peak_vs_full_ft']:.2f} | "
-            f"{r['state_bytes'] / 2**20:.2f} | {r['state_vs_full_ft']:.3f} | {r['bases_bytes'] / 2**20:.1f} | {note} |"
+            f"{r['time_vs_ft']:.2f} | {r['peak_bytes'] / 2**20:.1f} | {peak_ratio} | "
+            f"{r['state_bytes'] / 2**20:.2f} | {r['state_vs_ft']:.3f} | {r['bases_bytes'] / 2**20:.1f} | {note} |"
         )
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=16 * 128, help="tokens per step (batch x sequence)")
-    parser.add_argument("--density", type=float, default=0.01, help="trained share of each layer's entries")
-    parser.add_argument("--iters", type=int, default=10, help="timed steps per method (after 2 warm-up steps)")
-    parser.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the fastest is kept")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", help="write the rows to this JSON file")
-    parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    parser.add_argument("--shape", default="768x3072", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker:
-        d_in, d_out = map(int, args.shape.split("x"))
-        print(json.dumps(run_worker(args.worker, d_in, d_out, args.tokens, args.density, args.iters, args.device)))
-        return
-    rows = run(args.tokens, args.density, args.iters, args.device, args.repeats)
-    meta = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "tokens": args.tokens, "density": args.density, "iters": args.iters, "repeats": args.repeats}
-    print(f"\nLayer benchmark ({meta})\n")
+def main(args: argparse.Namespace) -> int:
+    rows = run(args)
+    meta = machine(args.device) | {"tokens": args.tokens, "density": args.density, "iters": args.iters,
+                                    "repeats": args.repeats}
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "layer.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "layer.md").write_text(table(rows) + "\n")
     print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
-
-
-if __name__ == "__main__":
-    main()
+    return 0

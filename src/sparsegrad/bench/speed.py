@@ -28,14 +28,20 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..train import peak_rss, reset_peak_memory
+from sparsegrad import Bases, compute_bases, optimizer, sparse_layers
+from sparsegrad.layer import FixedSparseGradLinear, SparseGradLinear
+from sparsegrad.util import to_device
+
+from ..recipes.machine import machine
+from ..recipes.memory import peak_memory, reset_peak_memory
+from ..recipes.methods import prepare, split_label
+from ..recipes.process import run_in_process
 
 METHODS = ("ft", "lora", "meprop", "sparsegrad-fixed", "sparsegrad-dynamic")
 MODELS = ("minilm", "bert-base", "roberta-base", "bert-tiny")  # bert-tiny: 2 small layers, for smoke tests
@@ -74,7 +80,7 @@ def build_model(name: str):
 
     torch.manual_seed(0)
     if name == "minilm":
-        from ..assets import minilm_path
+        from ..recipes.assets import minilm_path
 
         return AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     if name == "bert-base":
@@ -105,8 +111,6 @@ def synthetic_batch(model, batch_size: int, seq: int, fill: float, seed: int) ->
 
 def make_bases(model_name: str, path: Path, batch_size: int, seq: int, fill: float, steps: int) -> Path:
     """The preliminary phase on synthetic batches, saved once per model."""
-    from ..basis import compute_bases
-
     if path.is_file():
         return path
     model = build_model(model_name).eval()
@@ -126,16 +130,14 @@ def _nbytes(tensors) -> int:
 def training_state(model, opt) -> dict[str, int]:
     """Bytes held for training, beyond the frozen model: gradients, optimizer state, the tensors
     the method adds; and the bases apart. Call after backward and step, before zero_grad."""
-    from ..model import sparse_layers
-
     layers = sparse_layers(model).values()
-    bases = {id(t): t for m in layers for t in (m.U, m.V) if t is not None}
+    bases = {id(t): t for m in layers if isinstance(m, SparseGradLinear) for t in (m.U, m.V)}
     added = []
     for m in layers:
         added += [b for b in m.buffers() if id(b) not in bases]
-        if m.mode != "meprop":
+        if not m.trains_weight:
             added.append(m.trainable)
-        if m._plan is not None:
+        if isinstance(m, FixedSparseGradLinear) and m._plan is not None:
             added += [t for t in vars(m._plan).values() if torch.is_tensor(t)]
     added += [p for n, p in model.named_parameters() if "lora_" in n]
     grads = _nbytes(p.grad for p in model.parameters())
@@ -148,23 +150,17 @@ def training_state(model, opt) -> dict[str, int]:
 
 
 def measure(spec: dict) -> dict:
-    """One (model, method, batch) measurement; `spec` holds the run options."""
-    from ..basis import Bases
-    from ..methods import prepare
-    from ..optim import optimizer
-
+    """One (model, method, batch) measurement in this process; `spec` holds the run options."""
+    torch.set_grad_enabled(True)
     device = torch.device(spec["device"])
-    method, _, mode = spec["method"].partition("-")
+    method, mode = split_label(spec["method"])
     model = build_model(spec["model"])
     bases = Bases.load(spec["bases"]) if method == "sparsegrad" else None
     info = prepare(model, method, rest=spec["rest"], bases=bases, mode=mode or "fixed", density=spec["density"])
     del bases
     model.to(device).train()
     opt = optimizer(model, lr=1e-5, weight_decay=0.01)
-    batch = {k: v.to(device) for k, v in
-             synthetic_batch(model, spec["batch_size"], spec["seq"], spec["fill"], seed=0).items()}
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    batch = to_device(synthetic_batch(model, spec["batch_size"], spec["seq"], spec["fill"], seed=0), device)
     reset_peak_memory(device)  # the training loop's peak, not model loading's
 
     def step(last: bool = False) -> dict | None:
@@ -196,17 +192,14 @@ def measure(spec: dict) -> dict:
                  sorted(scopes, key=lambda e: -e.cpu_time_total)]
         Path(spec["profile"]).write_text("one training step, ops by self time:\n" + events.table(sort_by=sort, row_limit=30)
                                          + "\n\nSparseGrad's own scopes (inclusive time):\n" + "\n".join(lines) + "\n")
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss()
-    from ..model import sparse_layers
-
-    plans = [(m._support_plan(), m) for m in sparse_layers(model).values() if m.mode == "fixed"]
+    peak, peak_kind = peak_memory(device)
+    plans = [(m._support_plan(), m) for m in sparse_layers(model).values() if isinstance(m, FixedSparseGradLinear)]
     # the fixed mode's extra work scales with the distinct indices on the side it rotates
     rotated = [p.uniq_rows.numel() / (m.out_features if p.transposed else m.in_features) for p, m in plans]
     tokens = int(batch["attention_mask"].sum())
     return {**{k: spec[k] for k in ("model", "method", "batch_size", "seq", "fill", "density", "rest")},
             "device": str(device), "step_s": statistics.median(times), "steps_per_s": 1 / statistics.median(times),
-            "times": times, "peak_bytes": peak, "peak_kind": "cuda max allocated" if device.type == "cuda"
-            else "peak RSS of the training loop", "real_tokens": tokens, "trainable": info.trainable,
+            "times": times, "peak_bytes": peak, "peak_kind": peak_kind, "real_tokens": tokens, "trainable": info.trainable,
             "trainable_mlp": info.trainable_mlp, "sparse_budget": info.sparse_budget,
             "lora_rank": info.lora_rank, "support_rotated_share": sum(rotated) / len(rotated) if rotated else None,
             **state}
@@ -237,7 +230,7 @@ def run(args: argparse.Namespace) -> dict:
                             "fill": args.fill, "density": args.density, "rest": args.rest, "steps": args.steps,
                             "warmup": args.warmup, "device": args.device, "bases": str(bases) if bases else None,
                             "profile": str(out / f"profile-{tag}.txt") if args.profile and round_ == 0 else None}
-                    row = _run_worker(spec, tag)
+                    row = run_in_process("sparsegrad.bench.speed:measure", spec)
                     if method not in best or row["step_s"] < best[method]["step_s"]:
                         best[method] = row
                     print(f"  {tag} (round {round_ + 1}/{args.repeats}): {row['step_s']:.3f} s/step, "
@@ -256,14 +249,6 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def _run_worker(spec: dict, tag: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "sparsegrad.bench.speed", json.dumps(spec)],
-                          capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{tag} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def add_ratios(rows: list[dict]) -> None:
     """x full FT and x LoRA of step time, peak and state, within each (model, batch, fill, device)."""
     def key(r):
@@ -278,21 +263,6 @@ def add_ratios(rows: list[dict]) -> None:
                     r[f"{f}_vs_{base}"] = r[f] / b[f] if b[f] else None
         k = r["sparse_budget"] or 1
         r["optimizer_mlp_vs_2k"] = r["optimizer_mlp_bytes"] / (2 * k * 4) if r["method"] != "ft" else None
-
-
-def machine(device: str) -> dict:
-    import platform
-
-    info = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def _ratio(r: dict, field: str, base: str) -> str:
@@ -316,12 +286,7 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace, passthrough: list[str]) -> int:
+def main(args: argparse.Namespace) -> int:
     result = run(args)
     print(markdown(result))
     return 0
-
-
-if __name__ == "__main__":  # worker: one measurement, its row as the last stdout line
-    torch.set_grad_enabled(True)
-    print(json.dumps(measure(json.loads(sys.argv[1]))))

@@ -9,8 +9,6 @@ therefore always finds a complete checkpoint, or none.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -20,18 +18,9 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
+from sparsegrad.util import atomic_path, write_text_atomic
+
 LATEST = "latest"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write `path` via a temporary file and os.replace: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def rng_state() -> dict:
@@ -49,10 +38,8 @@ def set_rng_state(state: dict) -> None:
 
 def save_weights(model: nn.Module, folder: Path) -> None:
     """The model's state_dict into folder/model.safetensors, atomically (shared tensors handled)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".model.safetensors.tmp{os.getpid()}"
-    save_model(model, str(tmp))
-    os.replace(tmp, folder / "model.safetensors")
+    with atomic_path(folder / "model.safetensors") as tmp:
+        save_model(model, str(tmp))
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:
@@ -64,16 +51,11 @@ def load_weights(model: nn.Module, folder: Path) -> None:
 
 def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict, keep: int = 1) -> Path:
     """Write checkpoint-<step> under `root` atomically and point `latest` at it."""
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"checkpoint-{step}"
-    tmp = root / f".checkpoint-{step}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_model(model, str(tmp / "model.safetensors"))
-    torch.save(state, tmp / "state.pt")
-    if final.exists():  # the same step written again (e.g. after a resume): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    with atomic_path(final) as tmp:  # the same step written again (e.g. after a resume) is replaced
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(state, tmp / "state.pt")
     write_text_atomic(root / LATEST, final.name)
     done = sorted((p for p in root.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
     for old in done[:-keep]:

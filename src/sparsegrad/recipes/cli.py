@@ -1,0 +1,89 @@
+"""The `sparsegrad` command line, built from the run configuration (config.py).
+
+    sparsegrad finetune                      # offline default: MiniLM on BBC News, SparseGrad fixed
+    sparsegrad finetune --task sst2 --data-dir glue/ --method lora --seeds 0 1 2
+    sparsegrad compare --task mrpc --data-dir glue/ --methods ft lora meprop sparsegrad
+    sparsegrad bench speed | layer | bases | glue --data-dir glue/ | chat | report
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import CommandOptions, RunConfig, add_arguments, from_args
+from .methods import METHOD_LABELS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsegrad", description="SparseGrad fine-tuning of transformer MLPs")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ft = sub.add_parser("finetune", help="fine-tune and evaluate one model on one task with one method")
+    add_arguments(ft, RunConfig)
+    add_arguments(ft, CommandOptions, group="command")
+
+    cmp = sub.add_parser("compare", help="run several methods on the same task and seeds; one table")
+    cmp.add_argument("--methods", nargs="+", default=["ft", "lora", "meprop", "sparsegrad"], choices=METHOD_LABELS,
+                     help="method labels; sparsegrad-fixed / sparsegrad-dynamic pick the SparseGrad mode")
+    add_arguments(cmp, RunConfig, skip=("method",))
+    add_arguments(cmp, CommandOptions, group="command", defaults={"output_dir": None})
+
+    from ..bench import add_bench_commands  # the benchmarks plug in here; they build on the recipes
+
+    add_bench_commands(sub.add_parser("bench", help="benchmarks: the paper's tables measured here, and the "
+                                                    "results page"))
+    return parser
+
+
+def _output_dir(options: CommandOptions, default: str) -> Path:
+    if options.resume and not options.output_dir:
+        raise ValueError("--resume needs the --output-dir of the command to continue")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not options.output_dir:
+        raise ValueError("several processes write one run: pass --output-dir (the same on every process)")
+    return Path(options.output_dir or default)
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # weight loading; our own bars show the run
+        if args.command == "bench":
+            return args.bench_main(args)
+        cfg, options = from_args(RunConfig, args), from_args(CommandOptions, args)
+        if args.command == "finetune":
+            from .experiment import run_finetune
+
+            out = _output_dir(options, f"sparsegrad-runs/{cfg.task}-{cfg.method}-{stamp}")
+            summary = run_finetune(cfg, out, seeds=options.seeds, optimize_trials=options.optimize,
+                                   bases=options.bases, resume=options.resume, progress=not options.no_progress)
+        else:
+            from .compare import run_compare
+
+            out = _output_dir(options, f"sparsegrad-runs/compare-{cfg.task}-{stamp}")
+            summary = run_compare(args.methods, cfg, out, seeds=options.seeds, optimize_trials=options.optimize,
+                                  bases=options.bases, resume=options.resume, progress=not options.no_progress)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, ImportError) as err:
+        print(f"sparsegrad: error: {err}", file=sys.stderr)
+        return 2
+    from .results import markdown_table
+
+    if int(os.environ.get("RANK", "0")) != 0:  # one table per command, from rank 0
+        return 0
+    print(markdown_table(summary.rows))
+    print(f"\nresults: {out}/summary.json, {out}/summary.md", file=sys.stderr)
+    if summary.failed:
+        print(f"sparsegrad: error: these methods failed: {', '.join(summary.failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

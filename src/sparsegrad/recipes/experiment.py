@@ -1,0 +1,130 @@
+"""A command's worth of runs: validate, optionally search hyper-parameters, run every seed, and
+summarise (summary.json + summary.md).
+
+Output folder of `finetune`:
+    command.json          the options (a resumed command must match them)
+    bases.safetensors     the preliminary phase's bases, shared by seeds and trials
+    optuna.db, trials/    with --optimize N (resumable SQLite study; search.py)
+    seed-<s>/             one run per seed: results.json, best/model.safetensors, adapter/, checkpoints/
+    summary.json, summary.md
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from sparsegrad.targets import find_targets
+from sparsegrad.util import write_json_atomic, write_text_atomic
+
+from .config import RunConfig
+from .data import load_task
+from .finetune import finetune
+from .kinds import kind_of
+from .methods import head_parameters, sparse_budget
+from .models import load_model
+from .results import Summary, SummaryRow, markdown_table
+from .tasks import TaskData
+
+
+class RunFolderError(ValueError):
+    """The output folder holds something this command must not overwrite."""
+
+
+# ---------------------------------------------------------------- validation, before anything is written
+
+def validate(cfg: RunConfig, bases: str | None = None) -> TaskData:
+    """Load the data and the model once and check every option against them; raise a clear
+    ValueError otherwise. Returns the data (so it is read once)."""
+    if cfg.density is not None and cfg.n_params is not None:
+        raise ValueError("pass --density or --n-params, not both")
+    for name in ("epochs", "max_steps", "batch_size", "grad_accum", "max_length", "bases_steps", "eval_steps",
+                 "save_steps", "max_prompts", "max_new_tokens"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if not cfg.lr > 0:
+        raise ValueError(f"--lr must be positive, got {cfg.lr}")
+    if bases is not None and not Path(bases).is_file():
+        raise ValueError(f"--bases {bases}: no such file; pass a file saved by Bases.save (e.g. a run's "
+                         "bases.safetensors) or leave --bases out to compute them")
+    data = load_task(cfg.task, cfg.data_dir, max_train_samples=cfg.max_train_samples,
+                     max_eval_samples=cfg.max_eval_samples)
+    if cfg.prompts:
+        if not kind_of(data.task).answers_prompts:
+            raise ValueError("--prompts answers prompts with a decoder: it belongs to --task chat")
+        from .chat import read_prompts
+
+        read_prompts(cfg.prompts)
+    _, model = load_model(cfg.model, data.task)
+    layers = find_targets(model, cfg.targets, blocks=cfg.blocks)
+    try:
+        sparse_budget(layers, cfg.density, cfg.n_params)
+    except ValueError as err:
+        raise ValueError(f"{'--n-params' if cfg.n_params is not None else '--density'}: {err}") from None
+    if cfg.rest == "head":
+        head_parameters(model)
+    return data
+
+
+def claim_folder(out: Path, command: dict, resume: bool) -> None:
+    """Make sure `out` is empty, or holds this very command (with --resume); write command.json."""
+    saved_file = out / "command.json"
+    if saved_file.is_file():
+        saved = json.loads(saved_file.read_text())
+        if not resume:
+            raise RunFolderError(f"--output-dir {out} already holds a run: pass --resume to continue it, "
+                                 "or choose another --output-dir")
+        old, new = _flat(saved), _flat(command)
+        diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        if diff:
+            raise RunFolderError(f"--output-dir {out} holds a different run ({'; '.join(diff)}): resume it with "
+                                 "its own options, or choose another --output-dir")
+        return
+    if out.exists() and any(out.iterdir()):
+        raise RunFolderError(f"--output-dir {out} is not empty and holds no sparsegrad run: choose another "
+                             "--output-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(saved_file, command)
+
+
+def _flat(command: dict) -> dict:
+    """command.json with its config inlined: {"lr": ..., "seeds": ...}."""
+    return {**{k: v for k, v in command.items() if k != "config"}, **command.get("config", {})}
+
+
+# ---------------------------------------------------------------- the command
+
+def run_finetune(cfg: RunConfig, out: str | Path, *, seeds: list[int], optimize_trials: int = 0,
+                 bases: str | None = None, resume: bool = False, progress: bool = True) -> Summary:
+    """The `sparsegrad finetune` command: returns the summary (also written to out/).
+    Under torchrun / accelerate launch every process runs it; rank 0 owns the folder."""
+    out = Path(out)
+    rank = int(os.environ.get("RANK", "0"))
+    if optimize_trials and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--optimize runs in one process: search first, then launch the seeds with torchrun")
+    data = validate(cfg, bases)
+    command = {"config": {k: v for k, v in cfg.identity().items() if k != "seed"}, "seeds": seeds,
+               "optimize": optimize_trials, "bases": bases}
+    if rank == 0:
+        claim_folder(out, command, resume)
+    bases_file = Path(bases) if bases else out / "bases.safetensors"
+
+    search = None
+    if optimize_trials:
+        from .search import optimize
+
+        search = optimize(replace(cfg, seed=seeds[0]), out, optimize_trials, data, bases_file, progress)
+        cfg = replace(cfg, **search["best_params"])
+        print(f"best of {optimize_trials} trials: {search['best_params']} ({search['best_value']:.4f})",
+              file=sys.stderr)
+    runs = [finetune(replace(cfg, seed=s), out / f"seed-{s}", bases_file=bases_file, resume=resume,
+                     data=data, progress=progress) for s in seeds]
+    summary = Summary(rows=[SummaryRow.from_runs(runs)], runs=[str(out / f"seed-{s}" / "results.json") for s in seeds],
+                      search=search)
+    if rank == 0:
+        summary.save(out / "summary.json")
+        write_text_atomic(out / "summary.md", markdown_table(summary.rows) + "\n")
+    return summary

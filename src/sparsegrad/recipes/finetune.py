@@ -1,0 +1,417 @@
+"""The fine-tuning recipe: one model, one task, one method, one seed. The same loop for every method
+and every kind of task (classification heads and chat decoders).
+
+    recipe = FineTuneRecipe(cfg, run_dir)
+    recipe.setup(resume=False)   # data, model, [preliminary phase: bases], method, optimizer, checkpoint
+    recipe.train()               # steps; evaluate each epoch (or every eval_steps), keep the best model on
+                                 # validation, stop early after `patience` evaluations without improvement
+    result = recipe.finish()     # the best model's final metrics -> results.json, the adapter, answers
+    recipe.cleanup()
+
+accelerate places the model, runs mixed precision and data parallelism (launch with `torchrun` or
+`accelerate launch`): an optimizer step takes `batch_size * grad_accum * processes` examples, and
+its loss is normalised by the loss items (examples, or assistant tokens) of the whole step, so that
+2 processes x batch b equal 1 process x batch 2b and 1 process x batch b x 2 accumulation steps.
+Bases are computed once on rank 0 and broadcast. Checkpoints are atomic (checkpoint.py) and
+`resume=True` continues a killed run to the same final metrics.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import random
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sparsegrad import Bases, compute_bases
+from sparsegrad import optimizer as make_optimizer
+from sparsegrad.adapter import plain_model_bytes, save_adapter
+from sparsegrad.model import defer_topk, sparsify_gradients, take_row_share
+from sparsegrad.targets import find_targets
+from sparsegrad.util import to_device
+
+from .batching import Batcher
+from .checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_weights,
+    rng_state,
+    save_checkpoint,
+    save_weights,
+    set_rng_state,
+)
+from .config import RunConfig
+from .data import load_task
+from .kinds import kind_of
+from .machine import versions
+from .memory import peak_memory, reset_peak_memory
+from .methods import METHODS, prepare
+from .models import default_model, load_model
+from .results import RunResult
+from .tasks import TaskData
+
+
+@dataclass
+class LoopState:
+    """The loop's own state, saved in every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    best_score: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    history: list = field(default_factory=list)
+    train_seconds: float = 0.0
+    loss_sum: float = 0.0               # training loss since the last evaluation
+    loss_steps: int = 0
+    row_share: list = field(default_factory=list)  # per step: non-zero rows of dy in the sparse layers
+    baseline: dict | None = None        # the score to beat, measured before training
+    finished: bool = False
+    stopped_early: bool = False
+    resumed_at: list = field(default_factory=list)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class FineTuneRecipe:
+    """One run into `run_dir`. Under torchrun / accelerate launch every process builds one; rank 0
+    writes the files. bases_file: where the bases are read from, or computed into (default
+    run_dir/bases.safetensors). data: the task's data, when the caller has it loaded already."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path, *, bases_file: str | Path | None = None,
+                 data: TaskData | None = None, progress: bool = True) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.bases_file = Path(bases_file or self.run_dir / "bases.safetensors")
+        self.data, self.progress = data, progress
+        self.state = LoopState()
+        self.peak: tuple[int, str] = (0, "")
+
+    # ---------------------------------------------------------------- setup
+    def setup(self, resume: bool = False) -> None:
+        self.setup_data()
+        self.setup_model()
+        self.setup_bases()
+        self.setup_method()
+        self.setup_optimizer()
+        if resume:
+            self.load_checkpoint()
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.state.baseline is None:
+            self.state.baseline = self.kind.baseline(self.task, self.data, lambda: self.evaluate())
+
+    def setup_data(self) -> None:
+        cfg = self.cfg
+        self.data = self.data or load_task(cfg.task, cfg.data_dir, max_train_samples=cfg.max_train_samples,
+                                           max_eval_samples=cfg.max_eval_samples)
+        self.task, self.kind = self.data.task, kind_of(self.data.task)
+
+    def setup_model(self) -> None:
+        """The model and tokenizer, the accelerator (device, processes), encoded data and the batcher."""
+        from accelerate import Accelerator, DistributedDataParallelKwargs
+        from accelerate.state import AcceleratorState
+
+        cfg = self.cfg
+        set_seed(cfg.seed)
+        self.tokenizer, self.model = load_model(cfg.model, self.task)
+        # runs in one process may differ in precision: forget the previous run's settings (not the process group)
+        AcceleratorState._reset_state()
+        # the bases are shared, frozen buffers that every rank holds alike: DDP need not broadcast them
+        self.accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
+                                       kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+        acc = self.accelerator
+        self.device, self.world, self.rank, self.is_main = acc.device, acc.num_processes, acc.process_index, \
+            acc.is_main_process
+        self.progress = self.progress and self.is_main
+        self.model.to(self.device)
+
+        encode = self.kind.encode
+        self.train_data = encode(self.tokenizer, self.data.train, cfg.max_length)
+        self.eval_data = {name: encode(self.tokenizer, split, cfg.max_length) for name, split in self.data.eval.items()}
+        self.select_split = next(iter(self.eval_data))
+        self.batcher = Batcher(self.kind.collator(self.tokenizer), self.train_data,
+                               cfg.batch_size * cfg.grad_accum * self.world, cfg.seed, chunks=cfg.grad_accum * self.world)
+        self.targets = sorted(find_targets(self.model, cfg.targets, blocks=cfg.blocks))
+
+    def setup_bases(self) -> None:
+        """The preliminary phase, for methods that need bases: loaded from `bases_file`, or computed on
+        the first `bases_steps` training steps' examples and saved there. With several processes, rank
+        0 loads or computes them (on the examples a single process would use) and broadcasts them."""
+        self.bases, self.bases_info = None, None
+        if not METHODS[self.cfg.method].needs_bases:
+            return
+        result = None
+        if self.world == 1 or self.is_main:
+            result = self._load_or_compute_bases()
+        if self.world > 1:
+            result = _broadcast_bases(result, self.is_main)
+        self.bases, self.bases_info = result
+        self.bases_info["top1pct_energy_share"] = _mean_shares(self.bases)
+
+    def _load_or_compute_bases(self) -> tuple[Bases, dict]:
+        if self.bases_file.is_file():
+            return Bases.load(self.bases_file), {"source": str(self.bases_file), "seconds": 0.0}
+        n = min(self.cfg.bases_steps, len(self.batcher))
+        batches = (to_device(self.batcher.batch(0, i), self.device) for i in range(n))
+        start = time.perf_counter()
+        self.model.eval()  # no dropout: the energy pass replays exactly the gradients the Gram sums saw
+        bases = compute_bases(self.model, batches, n_steps=self.cfg.bases_steps, targets=self.targets,
+                              progress=self.progress)
+        self.model.train()
+        seconds = time.perf_counter() - start
+        bases.save(self.bases_file)
+        return bases, {"source": "computed", "seconds": seconds}
+
+    def setup_method(self) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)  # the same RNG stream from here on, whether bases were computed or loaded
+        self.method_info = prepare(self.model, cfg.method, rest=cfg.rest, bases=self.bases, mode=cfg.mode,
+                                   density=cfg.density, n_params=cfg.n_params, targets=self.targets,
+                                   lora_rank=cfg.lora_rank)
+        defer_topk(self.model)  # top-k layers: the top-k of the complete (accumulated, all-reduced) gradient
+        self.raw = self.model  # the model itself; `self.model` may become its DDP wrapper
+        with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; accelerate has no new name yet
+            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+            self.model = self.accelerator.prepare_model(self.model)
+
+    def setup_optimizer(self) -> None:
+        from transformers import get_linear_schedule_with_warmup
+
+        cfg = self.cfg
+        self.epochs = cfg.epochs or self.task.default_epochs
+        planned = self.epochs * len(self.batcher)
+        self.total_steps = planned if cfg.max_steps is None else min(cfg.max_steps, planned)
+        self.optimizer = make_optimizer(self.raw, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, round(cfg.warmup_ratio * self.total_steps),
+                                                         self.total_steps)
+
+    # ---------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def load_checkpoint(self) -> bool:
+        """Continue from the latest checkpoint in run_dir, if there is one."""
+        ckpt = latest_checkpoint(self.checkpoint_root)
+        if ckpt is None:
+            return False
+        saved = load_checkpoint(ckpt, self.raw)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        set_rng_state(saved["rng"])
+        self.state = LoopState(**saved["loop"])
+        self.state.resumed_at.append(self.state.step)
+        return True
+
+    def save_checkpoint(self) -> None:
+        if self.is_main:
+            save_checkpoint(self.checkpoint_root, self.state.step, self.raw, {
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(), "loop": asdict(self.state)})
+        self.accelerator.wait_for_everyone()
+
+    # ---------------------------------------------------------------- one step, one evaluation
+    def _sum_over_processes(self, *values: float) -> list[float]:
+        if self.world == 1:
+            return list(values)
+        return self.accelerator.reduce(torch.tensor(values, dtype=torch.float64, device=self.device), "sum").tolist()
+
+    def train_step(self) -> float:
+        """One optimizer step over this process's micro-batches; returns the step's mean loss (all ranks)."""
+        state, acc = self.state, self.accelerator
+        micro = self.batcher.micro_batches(state.epoch, state.step_in_epoch, first=self.rank, stride=self.world)
+        # the step's loss is sum(loss items) / (items of the whole step, every micro-batch and rank);
+        # DDP averages over ranks, hence the factor `world`
+        counts = [self.kind.loss_items(b) for b in micro]
+        (step_items,) = self._sum_over_processes(sum(counts))
+        loss_sum = 0.0
+        for m, (batch, n) in enumerate(zip(micro, counts)):
+            sync = m == len(micro) - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                with acc.autocast():
+                    loss = self.model(**to_device(batch, self.device)).loss
+                acc.backward(loss * (n * self.world / step_items))
+            loss_sum += loss.item() * n
+        sparsify_gradients(self.raw)
+        share = take_row_share(self.raw)
+        if share is not None:
+            state.row_share.append(round(share, 4))
+        if self.cfg.max_grad_norm:
+            acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss_total,) = self._sum_over_processes(loss_sum)  # also waits for the device: the step time is complete
+        return loss_total / step_items
+
+    def evaluate(self, split: str | None = None) -> dict[str, float]:
+        """The task's metrics on an evaluation split (default: the selection split). Every rank
+        evaluates the same model on the same split, so all take the same decisions."""
+        return self.kind.evaluate(self.task, self.raw, self.tokenizer, self.eval_data[split or self.select_split],
+                                  self.device, eval_batch_size=self.cfg.eval_batch_size,
+                                  train_batch_size=self.cfg.batch_size)
+
+    def _record_evaluation(self) -> str:
+        """Evaluate, keep the best weights, count evaluations without improvement; a line for the log."""
+        state, task = self.state, self.task
+        metrics = self.evaluate()
+        score = metrics[task.metric]
+        if not math.isfinite(score):  # diverged
+            score = float("-inf") if task.greater_is_better else float("inf")
+        state.history.append({"step": state.step, "epoch": state.step / len(self.batcher),
+                              "loss": state.loss_sum / state.loss_steps, self.select_split: metrics})
+        state.loss_sum, state.loss_steps = 0.0, 0
+        best = state.best_score
+        if best is None or (score > best if task.greater_is_better else score < best):
+            state.best_score, state.best_step, state.bad_evals = score, state.step, 0
+            if self.is_main:
+                save_weights(self.raw, self.run_dir / "best")
+        else:
+            state.bad_evals += 1
+        return (f"step {state.step} epoch {state.step / len(self.batcher):.2f}: {self.select_split} "
+                + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + (" *" if state.best_step == state.step else ""))
+
+    # ---------------------------------------------------------------- the loop
+    def train(self) -> None:
+        """Steps until the planned steps or epochs are done, or early stopping; evaluations and
+        checkpoints on the way."""
+        state, cfg = self.state, self.cfg
+        reset_peak_memory(self.device)
+        bar = tqdm(total=self.total_steps, initial=state.step, disable=not self.progress, dynamic_ncols=True,
+                   desc=f"{self.task.name} {self.method_info.method} seed {cfg.seed}")
+        self.model.train()
+        while not state.finished:
+            if state.step >= self.total_steps or state.epoch >= self.epochs:
+                state.finished = True
+                break
+            start = time.perf_counter()
+            loss = self.train_step()
+            state.train_seconds += time.perf_counter() - start
+            state.loss_sum, state.loss_steps = state.loss_sum + loss, state.loss_steps + 1
+            state.step += 1
+            state.step_in_epoch += 1
+            bar.update()
+            bar.set_postfix(loss=f"{loss:.4f}")
+            end_of_epoch = state.step_in_epoch == len(self.batcher)
+            if end_of_epoch:
+                state.epoch, state.step_in_epoch = state.epoch + 1, 0
+            last = state.step >= self.total_steps or state.epoch >= self.epochs
+            if (end_of_epoch if cfg.eval_steps is None else state.step % cfg.eval_steps == 0) or last:
+                line = self._record_evaluation()
+                if self.progress:
+                    bar.write(line, file=sys.stderr)
+                state.stopped_early = bool(cfg.patience and state.bad_evals >= cfg.patience)
+                state.finished = state.stopped_early or last
+                self.save_checkpoint()
+            elif cfg.save_steps and state.step % cfg.save_steps == 0:
+                self.save_checkpoint()
+        bar.close()
+        self.peak = peak_memory(self.device)  # (bytes, what it is)
+
+    # ---------------------------------------------------------------- the result
+    def finish(self) -> RunResult:
+        """Reload the best weights on validation, evaluate every split, answer the prompts, write the
+        adapter and results.json (rank 0), and drop the checkpoints: the result marks the run done."""
+        cfg, state = self.cfg, self.state
+        self.accelerator.wait_for_everyone()
+        load_weights(self.raw, self.run_dir / "best")
+        final = {name: self.evaluate(name) for name in self.eval_data}
+        generations = self._answer_prompts() if cfg.prompts and self.is_main else None
+        adapter = None
+        if self.is_main:
+            adapter = save_adapter(self.raw, self.run_dir / "adapter", base_model=cfg.model or default_model(self.task))
+            adapter["model_bytes"] = plain_model_bytes(self.raw)
+        memory_bytes, memory_kind = self.peak
+        result = RunResult(
+            config=cfg.identity(), task=self.task.name, metric=self.task.metric,
+            greater_is_better=self.task.greater_is_better, score=final[self.select_split][self.task.metric],
+            final=final, best_step=state.best_step, baseline=state.baseline, baseline_kind=self.kind.baseline_kind,
+            method=self.method_info.as_dict(), targets=self.targets, bases=self.bases_info, history=state.history,
+            nonzero_row_share=state.row_share, stopped_early=state.stopped_early, resumed_at=state.resumed_at,
+            train_steps=state.step, train_seconds=state.train_seconds,
+            steps_per_s=state.step / state.train_seconds if state.train_seconds else None,
+            peak_memory_mb=memory_bytes / 2**20, memory_kind=memory_kind, device=str(self.device),
+            processes=self.world, examples_per_step=self.batcher.step_size, adapter=adapter,
+            generations=None if generations is None else "generations.jsonl",
+            data={"source": self.data.source, "train": len(self.data.train),
+                  **{k: len(v) for k, v in self.data.eval.items()}},
+            versions=versions(), command=sys.argv,
+        )
+        if self.is_main:
+            result.save(self.run_dir / "results.json")
+            shutil.rmtree(self.checkpoint_root, ignore_errors=True)  # best/ keeps the model
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def _answer_prompts(self) -> list[dict]:
+        from .chat import generate, read_prompts
+
+        prompts = read_prompts(self.cfg.prompts)[:self.cfg.max_prompts]
+        generations = generate(self.raw, self.tokenizer, prompts, self.device, max_new_tokens=self.cfg.max_new_tokens)
+        with open(self.run_dir / "generations.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(g, ensure_ascii=False) + "\n" for g in generations)
+        return generations
+
+    def cleanup(self) -> None:
+        """Let go of the model, the optimizer and the accelerator's references (runs in one process follow)."""
+        self.accelerator.free_memory()
+        for name in ("model", "raw", "optimizer", "scheduler", "bases"):
+            setattr(self, name, None)
+
+
+def finetune(cfg: RunConfig, run_dir: str | Path, *, bases_file: str | Path | None = None, resume: bool = False,
+             data: TaskData | None = None, progress: bool = True) -> RunResult:
+    """Fine-tune and evaluate one run into `run_dir`; return its result (also in results.json).
+    resume: continue from the last checkpoint in run_dir (or return the result of a finished run)."""
+    results_file = Path(run_dir) / "results.json"
+    if resume and results_file.is_file():
+        return RunResult.load(results_file)
+    recipe = FineTuneRecipe(cfg, run_dir, bases_file=bases_file, data=data, progress=progress)
+    recipe.setup(resume=resume)
+    recipe.train()
+    result = recipe.finish()
+    recipe.cleanup()
+    return result
+
+
+def _broadcast_bases(result: tuple[Bases, dict] | None, is_main: bool) -> tuple[Bases, dict]:
+    """Rank 0's bases on every rank, sent as CPU tensors: each rank moves them to its device once per role."""
+    import torch.distributed as dist
+
+    if result is not None:
+        bases, info = result
+        result = dataclasses.replace(bases, U={k: v.cpu() for k, v in bases.U.items()},
+                                     V={k: v.cpu() for k, v in bases.V.items()},
+                                     energy={k: v.cpu() for k, v in bases.energy.items()}), info
+    box = [result]
+    dist.broadcast_object_list(box, src=0)
+    bases, info = box[0]
+    if not is_main:
+        info["source"] += " (broadcast from rank 0)"
+    return bases, info
+
+
+def _mean_shares(bases: Bases) -> dict[str, dict[str, float]]:
+    """Top-1% energy share (original, transformed) averaged over the layers of each role."""
+    shares = bases.info.get("top1pct_energy_share", {})
+    out: dict[str, dict[str, list]] = {}
+    for name, s in shares.items():
+        role = bases.layers[name]
+        for k, v in s.items():
+            out.setdefault(role, {}).setdefault(k, []).append(v)
+    return {role: {k: float(np.mean(v)) for k, v in d.items()} for role, d in out.items()}

@@ -1,0 +1,44 @@
+"""Work in a fresh process: a function called with a JSON spec in a new Python, its JSON result back.
+
+Comparisons and benchmarks run each method this way, so that its peak memory and its imports are
+its own. The function is named "package.module:function"; it takes the spec dict and returns a
+JSON-serialisable dict, which the child prints as its last stdout line.
+
+    python -m sparsegrad.recipes.process package.module:function '{"spec": ...}'
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import subprocess
+import sys
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed; the message ends with its last output."""
+
+
+def run_in_process(target: str, spec: dict, *, show_output: bool = False) -> dict:
+    """Call `target` (package.module:function) with `spec` in a fresh process and return its result.
+    show_output: let the worker's stderr (progress, messages) through to ours; else keep it for errors."""
+    cmd = [sys.executable, "-m", "sparsegrad.recipes.process", target, json.dumps(spec)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if show_output else subprocess.PIPE, text=True,
+                          check=False)
+    if proc.returncode != 0:
+        tail = "" if show_output else f":\n{(proc.stderr or '')[-3000:]}"
+        raise WorkerError(f"{target} failed (exit {proc.returncode}){tail}")
+    lines = proc.stdout.strip().splitlines()
+    if not lines:
+        raise WorkerError(f"{target} printed no result")
+    return json.loads(lines[-1])
+
+
+def _main(argv: list[str]) -> int:
+    module, _, function = argv[0].partition(":")
+    result = getattr(importlib.import_module(module), function)(json.loads(argv[1]))
+    sys.stdout.write("\n" + json.dumps(result, default=str) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
