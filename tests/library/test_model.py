@@ -153,3 +153,42 @@ def test_bases_stay_shared_when_the_model_moves(minilm, minilm_bases):
     first, other = layers["bert.encoder.layer.0.output.dense"], layers["bert.encoder.layer.5.output.dense"]
     assert first.V.dtype == torch.float64 and first.V is other.V and first.U is other.U
     assert "U" not in "".join(minilm.state_dict())  # bases are held by reference, not saved per layer
+
+
+def _storages(tensors) -> int:
+    return len({t.untyped_storage().data_ptr() for t in tensors})
+
+
+@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
+def test_bases_are_held_once_per_role_whatever_the_model_dtype(minilm, minilm_bases, mode):
+    """float32 bases on a float64 model: converted once per role, not once per layer; model.to(...)
+    keeps them shared."""
+    minilm.double()
+    sparsegrad.apply(minilm, minilm_bases, density=0.01, mode=mode)
+    layers = list(sparsegrad.sparse_layers(minilm).values())
+    roles = len(minilm_bases.U)
+    assert len(layers) == 12 and roles == 2
+    assert all(m.U.dtype == torch.float64 for m in layers)
+    assert _storages(m.U for m in layers) == roles and _storages(m.V for m in layers) == roles
+    minilm.float()
+    assert all(m.U.dtype == torch.float32 for m in layers)
+    assert _storages(m.U for m in layers) == roles and _storages(m.V for m in layers) == roles
+    # bases already on the model's device and dtype are not copied at all
+    fresh = {id(t) for t in minilm_bases.U.values()}
+    minilm2 = BertForSequenceClassification(minilm.config)
+    sparsegrad.apply(minilm2, minilm_bases, density=0.01, mode=mode)
+    assert {id(m.U) for m in sparsegrad.sparse_layers(minilm2).values()} <= fresh
+
+
+def test_layer_classes_per_mode(minilm, minilm_bases):
+    """The modes are types: fixed and dynamic SparseGrad layers share sparsegrad.SparseGradLinear, MeProp is apart."""
+    sparsegrad.apply(minilm, minilm_bases, density=0.01, mode="dynamic")
+    layer = next(iter(sparsegrad.sparse_layers(minilm).values()))
+    assert type(layer) is sparsegrad.DynamicSparseGradLinear and isinstance(layer, sparsegrad.SparseGradLinear)
+    assert not hasattr(layer, "rows") and not hasattr(layer, "values")  # only its own state
+    lin = nn.Linear(8, 6)
+    meprop = sparsegrad.SparseGradLinear.from_linear(lin, k=5, mode="meprop")  # the old spelling still works
+    assert type(meprop) is sparsegrad.MePropLinear and not isinstance(meprop, sparsegrad.SparseGradLinear)
+    U, V = torch.linalg.qr(torch.randn(8, 8))[0], torch.linalg.qr(torch.randn(6, 6))[0]
+    fixed = sparsegrad.SparseGradLinear(8, 6, k=3, mode="fixed", U=U, V=V, support=([0, 1, 2], [0, 1, 2]))
+    assert type(fixed) is sparsegrad.FixedSparseGradLinear and not hasattr(fixed, "delta")

@@ -1,0 +1,116 @@
+"""The fine-tuning recipe's pieces, called directly on tiny models: a step, an evaluation, a resume."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sparsegrad.recipes.chat import IGNORE
+from sparsegrad.recipes.config import RunConfig
+from sparsegrad.recipes.finetune import FineTuneRecipe, finetune
+from sparsegrad.recipes.results import RunResult
+from sparsegrad.util import to_device
+
+
+def _chat_cfg(tiny_llama_dir, chat_file, **kw) -> RunConfig:
+    return RunConfig(**{"task": "chat", "model": str(tiny_llama_dir), "data_dir": str(chat_file), "batch_size": 8,
+                        "lr": 3e-3, "density": 0.1, "bases_steps": 2, "max_length": 64, "epochs": 2, "cpu": True,
+                        **kw})
+
+
+def _ready(cfg, tmp_path) -> FineTuneRecipe:
+    recipe = FineTuneRecipe(cfg, tmp_path / "run", progress=False)
+    recipe.setup()
+    return recipe
+
+
+@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
+def test_a_step_trains_only_what_the_method_trains(tiny_llama_dir, chat_file, tmp_path, mode):
+    recipe = _ready(_chat_cfg(tiny_llama_dir, chat_file, mode=mode), tmp_path)
+    before = {n: p.detach().clone() for n, p in recipe.raw.named_parameters()}
+    trainable = {n for n, p in recipe.raw.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".values" if mode == "fixed" else ".delta") for n in trainable)
+    losses = [recipe.train_step() for _ in range(2)]  # the first step's lr is 0 (linear warm-up from 0)
+    assert all(math.isfinite(loss) and loss > 0 for loss in losses)
+    after = dict(recipe.raw.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed == trainable  # rest="none" for chat: the sparse values alone moved
+    if mode == "dynamic":  # the step kept the top-k of each layer's complete gradient
+        layer = recipe.raw.model.layers[0].mlp.up_proj
+        assert 0 < int(layer.delta.ne(0).sum()) <= layer.k
+    assert recipe.optimizer.state and recipe.scheduler.last_epoch == 2
+
+
+def test_evaluation_is_the_mean_loss_over_assistant_tokens(tiny_llama_dir, chat_file, tmp_path):
+    recipe = _ready(_chat_cfg(tiny_llama_dir, chat_file), tmp_path)
+    metrics = recipe.evaluate()
+    # by hand: the summed token losses of every validation conversation over their assistant tokens
+    total, tokens = 0.0, 0
+    recipe.raw.eval()
+    collate = recipe.kind.collator(recipe.tokenizer)
+    with torch.no_grad():
+        for example in recipe.eval_data["validation"]:
+            batch = collate([example])
+            logits = recipe.raw(**to_device(batch, recipe.device)).logits[0, :-1]
+            labels = batch["labels"][0, 1:]
+            keep = labels != IGNORE
+            total += float(torch.nn.functional.cross_entropy(logits[keep], labels[keep], reduction="sum"))
+            tokens += int(keep.sum())
+    assert metrics["tokens"] == tokens
+    assert metrics["loss"] == pytest.approx(total / tokens, rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-6)
+    assert recipe.state.baseline == metrics  # the chat baseline is the untrained model's
+
+
+def test_classification_evaluation_is_the_accuracy_of_the_argmax(minilm_path, tmp_path):
+    cfg = RunConfig(max_train_samples=40, max_eval_samples=30, max_length=32, batch_size=8, method="ft", cpu=True)
+    recipe = _ready(cfg, tmp_path)
+    metrics = recipe.evaluate()
+    enc = recipe.eval_data["validation"]
+    collate = recipe.kind.collator(recipe.tokenizer)
+    recipe.raw.eval()
+    with torch.no_grad():
+        preds = [int(recipe.raw(**collate([{k: v for k, v in e.items() if k != "labels"}])).logits.argmax())
+                 for e in enc]
+    assert metrics["accuracy"] == pytest.approx(np.mean([p == e["labels"] for p, e in zip(preds, enc)]))
+    assert recipe.state.baseline["accuracy"] < 0.5  # the majority class of five
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KilledAfterCheckpoint(FineTuneRecipe):
+    """Dies right after writing the checkpoint of step `at`, as kill -9 would after the rename."""
+
+    at = 4
+
+    def save_checkpoint(self) -> None:
+        super().save_checkpoint()
+        if self.state.step == self.at:
+            raise _Killed
+
+
+@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
+def test_resume_reaches_the_uninterrupted_result(tiny_llama_dir, chat_file, tmp_path, mode):
+    cfg = _chat_cfg(tiny_llama_dir, chat_file, mode=mode, eval_steps=2, epochs=1, max_steps=8)
+    whole = finetune(cfg, tmp_path / "whole", progress=False)
+
+    killed = _KilledAfterCheckpoint(cfg, tmp_path / "killed", bases_file=tmp_path / "whole" / "bases.safetensors",
+                                    progress=False)
+    killed.setup()
+    with pytest.raises(_Killed):
+        killed.train()
+    assert not (tmp_path / "killed" / "results.json").exists()
+
+    resumed = FineTuneRecipe(cfg, tmp_path / "killed", bases_file=tmp_path / "whole" / "bases.safetensors",
+                             progress=False)
+    resumed.setup(resume=True)
+    assert resumed.state.step == 4 and resumed.state.resumed_at == [4]
+    resumed.train()
+    result = resumed.finish()
+    assert isinstance(result, RunResult) and result.train_steps == whole.train_steps == 8
+    assert [h["loss"] for h in result.history] == pytest.approx([h["loss"] for h in whole.history], rel=1e-6)
+    assert result.final["validation"]["loss"] == pytest.approx(whole.final["validation"]["loss"], rel=1e-6)
+    assert RunResult.load(tmp_path / "killed" / "results.json") == result
+    assert finetune(cfg, tmp_path / "killed", resume=True) == result  # a finished run answers from its file
