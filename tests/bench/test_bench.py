@@ -80,7 +80,7 @@ def test_glue_bench_and_results_page(glue_dir, tmp_path, capsys):
     argv = ["bench", "glue", "--data-dir", str(glue_dir), "--tasks", "wnli", "--methods", "ft", "sparsegrad-fixed",
             "--seeds", "0", "1", "--max-train-samples", "48", "--epochs", "1", "--densities", "0.01", "0.02",
             "--ablation-task", "wnli", "--output-dir", str(out),
-            "--max-eval-samples", "32", "--max-length", "48", "--bases-steps", "2"]  # the last three: to finetune
+            "--max-eval-samples", "32", "--max-length", "48", "--bases-steps", "2"]  # finetune's options, for the runs
     assert main(argv) == 0
     result = json.loads((out / "glue.json").read_text())
     assert [r["method"] for r in result["tables"]["wnli"]] == ["ft", "sparsegrad-fixed"]
@@ -88,10 +88,11 @@ def test_glue_bench_and_results_page(glue_dir, tmp_path, capsys):
     assert [r["density"] for r in result["ablation"]] == [0.01, 0.02]
     assert result["ablation"][1]["trainable_mlp"] == 2 * result["ablation"][0]["trainable_mlp"]
     assert not (out / "ablation-wnli" / "density-0.01").exists()  # 1% is the main table's run
-    assert result["meta"]["passthrough"] == ["--max-eval-samples", "32", "--max-length", "48", "--bases-steps", "2"]
+    assert {"max_eval_samples": 32, "max_length": 48, "bases_steps": 2}.items() <= result["meta"]["options"].items()
     assert "| sparsegrad-fixed |" in capsys.readouterr().out
     r = json.loads((out / "wnli" / "sparsegrad-fixed" / "seed-0" / "results.json").read_text())
     assert len(r["nonzero_row_share"]) == r["train_steps"] and 0 < min(r["nonzero_row_share"]) <= 1
+    assert (r["config"]["max_length"], r["config"]["bases_steps"], r["data"]["dev"]) == (48, 2, 32)
 
     results = tmp_path / "results"
     results.mkdir()

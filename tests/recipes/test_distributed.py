@@ -17,8 +17,12 @@ from sparsegrad.recipes.cli import main
 
 
 def _args(model: Path, data: Path, out: Path, mode: str, *extra: str) -> list[str]:
+    # Density 0.15: at every step of this run the k-th and (k+1)-th largest |U G V^T| of each layer differ by
+    # more than 7e-5 relative (measured), far above float32 summation noise (~1e-7), so the dynamic top-k
+    # cannot flip between batch layouts. At 0.25 two entries of one layer differ by 9e-8, and which of them
+    # is kept depends on the CPU's summation order.
     return ["finetune", "--task", "chat", "--model", str(model), "--data-dir", str(data), "--mode", mode,
-            "--max-steps", "4", "--eval-steps", "4", "--lr", "1e-2", "--density", "0.25", "--bases-steps", "3",
+            "--max-steps", "4", "--eval-steps", "4", "--lr", "1e-2", "--density", "0.15", "--bases-steps", "3",
             "--cpu", "--no-progress", "--output-dir", str(out), *extra]
 
 

@@ -82,16 +82,16 @@ class SummaryRow(_Record):
     seeds: list
     scores: list
     baseline: float
-    greater_is_better: bool
     trainable: int
     trainable_mlp: int
     total: int
     lora_rank: int | None
     steps_per_s: float
     peak_memory_mb: float
-    memory_kind: str
     lr: float
     batch_size: int
+    memory_kind: str = ""
+    greater_is_better: bool = True
     adapter_bytes: int | None = None
     model_bytes: int | None = None
     splits: dict = field(default_factory=dict)   # "split/metric" -> mean over seeds
