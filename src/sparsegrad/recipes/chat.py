@@ -262,7 +262,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], device, max_new_tokens
     for messages in prompts:
         text = _render(tokenizer, messages, generation_prompt=True)
         enc = tokenizer(text, add_special_tokens=False, return_tensors="pt")
-        enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+        enc = to_device({k: enc[k] for k in ("input_ids", "attention_mask")}, device)
         ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         answer = tokenizer.decode(ids[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
