@@ -112,3 +112,22 @@ def test_report_errors_and_bad_options(tmp_path, capsys):
     assert "--fill 0.0" in capsys.readouterr().err
     assert main(["bench", "glue", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "g")]) == 2
     assert "no GLUE task folder" in capsys.readouterr().err
+
+
+def test_layer_bench_ratios_against_full_ft_from_the_same_run(tmp_path, capsys):
+    out = tmp_path / "layer"
+    argv = ["bench", "layer", "--methods", "ft", "sparsegrad-fixed", "meprop", "--tokens", "64", "--iters", "1",
+            "--repeats", "1", "--device", "cpu", "--output-dir", str(out)]
+    assert main(argv) == 0
+    rows = json.loads((out / "layer.json").read_text())["rows"]
+    assert {(r["d_in"], r["d_out"]) for r in rows} == {(768, 3072), (3072, 768)}
+    for r in rows:
+        k = round(0.01 * r["d_in"] * r["d_out"])
+        if r["method"] == "ft":
+            assert r["time_vs_ft"] == 1.0 and r["trainable"] == r["d_in"] * r["d_out"] + r["d_out"]
+        else:
+            assert r["trainable"] == k
+    fixed = next(r for r in rows if r["method"] == "sparsegrad-fixed")
+    assert fixed["state_vs_ft"] < 0.1  # k values and their state, not a dense weight's
+    assert fixed["bases_bytes"] == 4 * (fixed["d_in"] ** 2 + fixed["d_out"] ** 2)  # U and V, counted apart
+    assert "| sparsegrad-fixed |" in capsys.readouterr().out

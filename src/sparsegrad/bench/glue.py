@@ -48,9 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation-task", default="sst2", help="the task of the ablation (default sst2)")
     p.add_argument("--full", action="store_true", help="the paper's protocol: whole training sets, the task's "
                                                        "epochs (20, with early stopping)")
+    p.add_argument("--optimize", type=int, default=0, metavar="N",
+                   help="per task and method, N Optuna trials over lr and batch size before the seeds")
     p.add_argument("--output-dir", default="bench-results/glue")
     p.add_argument("--resume", action="store_true")
-    add_config_arguments(p, RunConfig, skip=("task", "method", "mode", "density"), group="runs",
+    add_config_arguments(p, RunConfig, skip=("task", "method", "mode", "density", "prompts", "max_prompts",
+                                              "max_new_tokens"), group="runs",
                          defaults=QUICK)
 
 
@@ -80,13 +83,15 @@ def run(args: argparse.Namespace) -> dict:
     defaults = RunConfig().identity()
     changed = {k: v for k, v in base.identity().items() if v != defaults[k] and k != "data_dir"}
     command = {"bench": "glue", "tasks": tasks, "methods": args.methods, "densities": args.densities,
-               "ablation_task": args.ablation_task, "seeds": args.seeds, "config": base.identity()}
+               "ablation_task": args.ablation_task, "seeds": args.seeds, "optimize": args.optimize,
+               "config": base.identity()}
     claim_folder(out, command, args.resume)
     start = time.time()
 
     def compare(methods: list[str], cfg: RunConfig, folder: Path, bases: str | None = None) -> list[SummaryRow]:
         started = (folder / "command.json").is_file()  # resume a compare this benchmark already began
-        return run_compare(methods, cfg, folder, seeds=args.seeds, bases=bases, resume=started).rows
+        return run_compare(methods, cfg, folder, seeds=args.seeds, optimize_trials=args.optimize, bases=bases,
+                           resume=started).rows
 
     tables = {task: compare(args.methods, replace(base, task=task), out / task) for task in tasks}
 
