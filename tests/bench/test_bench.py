@@ -116,7 +116,7 @@ def test_report_errors_and_bad_options(tmp_path, capsys):
 
 def test_layer_bench_ratios_against_full_ft_from_the_same_run(tmp_path, capsys):
     out = tmp_path / "layer"
-    argv = ["bench", "layer", "--methods", "ft", "sparsegrad-fixed", "meprop", "--tokens", "64", "--iters", "1",
+    argv = ["bench", "layer", "--methods", "ft", "sparsegrad-fixed", "--tokens", "64", "--iters", "1",
             "--repeats", "1", "--device", "cpu", "--output-dir", str(out)]
     assert main(argv) == 0
     rows = json.loads((out / "layer.json").read_text())["rows"]

@@ -91,9 +91,9 @@ class _KilledAfterCheckpoint(FineTuneRecipe):
             raise _Killed
 
 
-@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
-def test_resume_reaches_the_uninterrupted_result(tiny_llama_dir, chat_file, tmp_path, mode):
-    cfg = _chat_cfg(tiny_llama_dir, chat_file, mode=mode, eval_steps=2, epochs=1, max_steps=8)
+def test_resume_reaches_the_uninterrupted_result(tiny_llama_dir, chat_file, tmp_path):
+    # dynamic: the mode with the most state to restore (dense delta, lazy Adam moments, the merged copy)
+    cfg = _chat_cfg(tiny_llama_dir, chat_file, mode="dynamic", eval_steps=2, epochs=1, max_steps=8)
     whole = finetune(cfg, tmp_path / "whole", progress=False)
 
     killed = _KilledAfterCheckpoint(cfg, tmp_path / "killed", bases_file=tmp_path / "whole" / "bases.safetensors",
