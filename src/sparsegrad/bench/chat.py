@@ -70,29 +70,19 @@ def run(args: argparse.Namespace) -> dict:
     start = time.time()
 
     def compare(methods: list[str], cfg: RunConfig, folder: Path) -> list[SummaryRow]:
-        started = (folder / "command.json").is_file()  # resume a compare this benchmark already began
-        return run_compare(methods, cfg, folder, seeds=args.seeds, resume=started).rows
+        # resume=True continues a compare this benchmark began, and starts one it has not
+        return run_compare(methods, cfg, folder, seeds=args.seeds, resume=True).rows
 
     rows = compare(args.methods, cfg, out / "fp32")
     if bf16:
         rows += [replace(r, method=r.method + " bf16")
                  for r in compare(bf16, replace(cfg, mixed_precision="bf16"), out / "bf16")]
-    result = {"meta": {"config": cfg.identity(), "options": options_text(cfg), "bf16": bf16,
+    result = {"meta": {"config": cfg.identity(), "options": cfg.changed(), "bf16": bf16,
                        "wall_seconds": time.time() - start},
               "rows": [r.to_dict() for r in rows]}
     write_json_atomic(out / "chat.json", result)
     write_text_atomic(out / "chat.md", markdown(result) + "\n")
     return result
-
-
-def options_text(cfg: RunConfig) -> str:
-    """The options of `cfg` that differ from the defaults, as command-line text."""
-    defaults = RunConfig().identity()
-    parts = []
-    for k, v in cfg.identity().items():
-        if v != defaults[k] and v is not None:
-            parts.append(f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, list) else str(v)))
-    return " ".join(parts)
 
 
 def markdown(result: dict) -> str:

@@ -5,8 +5,9 @@
     sparsegrad bench glue --data-dir glue/ --full --optimize 20    # the paper's protocol, for a GPU
 
 Each (task, method) is one `compare` entry: a fresh process running every seed, so runs resume
-after an interruption (--resume) and peak memory is per method. The default is cut to finish in about an hour per three short-sentence tasks on 2 CPU
-cores (CoLA, SST-2, WNLI: ~55 min with the ablation; MRPC's sentence pairs cost ~3x per example):
+after an interruption (--resume) and peak memory is per method. The default is cut to finish in
+about an hour per three short-sentence tasks on 2 CPU cores (CoLA, SST-2, WNLI: ~55 min with the
+ablation; MRPC's sentence pairs cost ~3x per example):
 a fixed random --max-train-samples 800 of each training set, 2 epochs, one shared lr (no search),
 full dev sets.
 `--full` lifts the cut: whole training sets, the task's epochs (20) with early stopping.
@@ -80,8 +81,6 @@ def run(args: argparse.Namespace) -> dict:
     base = from_args(RunConfig, args)
     if args.full:
         base = replace(base, max_train_samples=None, epochs=None)
-    defaults = RunConfig().identity()
-    changed = {k: v for k, v in base.identity().items() if v != defaults[k] and k != "data_dir"}
     command = {"bench": "glue", "tasks": tasks, "methods": args.methods, "densities": args.densities,
                "ablation_task": args.ablation_task, "seeds": args.seeds, "optimize": args.optimize,
                "config": base.identity()}
@@ -89,9 +88,9 @@ def run(args: argparse.Namespace) -> dict:
     start = time.time()
 
     def compare(methods: list[str], cfg: RunConfig, folder: Path, bases: str | None = None) -> list[SummaryRow]:
-        started = (folder / "command.json").is_file()  # resume a compare this benchmark already began
+        # resume=True continues a compare this benchmark began, and starts one it has not
         return run_compare(methods, cfg, folder, seeds=args.seeds, optimize_trials=args.optimize, bases=bases,
-                           resume=started).rows
+                           resume=True).rows
 
     tables = {task: compare(args.methods, replace(base, task=task), out / task) for task in tasks}
 
@@ -108,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
 
     result = {"meta": {"tasks": tasks, "methods": args.methods, "seeds": args.seeds, "full": args.full,
                        "max_train_samples": base.max_train_samples, "epochs": base.epochs,
-                       "options": changed, "wall_seconds": time.time() - start},
+                       "options": base.changed(), "wall_seconds": time.time() - start},
               "tables": {t: [r.to_dict() for r in rows] for t, rows in tables.items()},
               "average": averages(tables), "ablation": ablation}
     write_json_atomic(out / "glue.json", result)

@@ -383,10 +383,11 @@ def _chat_section(c: dict | None, results: Path, link) -> list[str]:
 
 
 def _options(meta: dict) -> str:
-    """A benchmark's run options as text (older files: the argv they passed on)."""
+    """A benchmark's run options as command-line text (older files: the argv they passed on)."""
     options = meta.get("options")
     if isinstance(options, dict):
-        return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items()) or "none"
+        return " ".join(f"--{k.replace('_', '-')} " + (" ".join(map(str, v)) if isinstance(v, list) else str(v))
+                        for k, v in options.items()) or "none"
     return options or " ".join(meta.get("argv") or meta.get("passthrough") or []) or "none"
 
 

@@ -86,6 +86,11 @@ class RunConfig:
         """The fields that must match for a folder to hold 'the same run'."""
         return asdict(self)
 
+    def changed(self) -> dict:
+        """The fields that differ from the defaults: what a table says a run was given."""
+        defaults = RunConfig(task=self.task).identity()
+        return {k: v for k, v in self.identity().items() if v != defaults[k]}
+
 
 @dataclass
 class CommandOptions:

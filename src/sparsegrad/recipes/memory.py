@@ -1,6 +1,7 @@
 """Peak memory of a stretch of work: the CUDA allocator's peak, or the process's peak RSS on CPU."""
 from __future__ import annotations
 
+import os
 import resource
 
 import torch
@@ -26,8 +27,6 @@ def peak_rss() -> int:
 
 def current_rss() -> int:
     """This process's resident memory now, in bytes."""
-    import os
-
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
