@@ -14,7 +14,7 @@ from .basis import Bases, GramAccumulator, compute_bases
 from .layer import DynamicSparseGradLinear, FixedSparseGradLinear, SparseGradLinear
 from .meprop import MePropLinear
 from .model import apply, merge, sparse_layers, trainable_parameters
-from .optim import SparseAdamW, optimizer
+from .optim import SparseAdamW, clip_grad_norm_, optimizer
 from .targets import DEFAULT_TARGETS, find_targets
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
     "SparseGradLinear",
     "__version__",
     "apply",
+    "clip_grad_norm_",
     "compute_bases",
     "find_targets",
     "load_adapter",

@@ -166,7 +166,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
         S = torch.zeros(U.shape[0], V.shape[0], dtype=torch.float64, device=device)
         S[rows, cols] = tensors[f"{name}.values"].to(device, torch.float64)
         delta = U.t() @ S @ V  # (d_in, n_u) @ (n_u, n_v) @ (n_v, d_out): dW^T
-        weight.add_(delta.t().to(weight.dtype))
+        weight.copy_((weight.double() + delta.t()).to(weight.dtype))  # rounded once, whatever the dtype
     for pname in config["dense"]:
         params[pname].copy_(tensors[f"dense.{pname}"].to(params[pname].dtype))
     return model

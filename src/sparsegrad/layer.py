@@ -7,8 +7,14 @@ in the transformed space:
     W_eff^T = W_0^T + U^T S V,        dL/dS = U G V^T        (both (d_in, d_out))
 
 The layer keeps W_eff merged in `weight` (frozen), so its forward pass and input gradient are
-nn.Linear's (see sparse_linear.py). Whenever S changes (an optimizer step, a loaded checkpoint),
-the next forward folds the difference into `weight` (`sync`).
+nn.Linear's (see sparse_linear.py). Whenever S changes (an optimizer step), the next forward,
+`state_dict()` or merge folds the change into `weight` (`sync`):
+  - float32 / float64 weights take the step's change, W += U^T dS V, in place;
+  - bfloat16 / float16 weights are rebuilt, W = round(W_0 + U^T S V) with the sum evaluated in
+    float32 and rounded once, from the pretrained weight W_0 kept beside them (`base_weight`).
+    Adding each step's change to a bfloat16 weight would round once per step: small updates
+    would vanish and the error would grow with the number of steps. S and the bases of such a
+    layer are float32; no float32 copy of the weight is kept.
 
 Two selections of S's trained entries, two classes sharing the bases, the fold and the autograd
 function:
@@ -17,8 +23,8 @@ function:
                              (``values``), optimizer state O(k); their gradient is computed
                              exactly at the support (support.py).
     DynamicSparseGradLinear  the paper: S is a dense (d_in, d_out) parameter (``delta``) whose
-                             gradient keeps, at every backward, the exact top-k entries of
-                             |U G V^T| (zeros elsewhere).
+                             gradient is a sparse tensor of the exact top-k entries of |U G V^T|,
+                             taken at every backward.
 The MeProp baseline (top-k in the original space, no basis) is meprop.MePropLinear.
 """
 from __future__ import annotations
@@ -30,7 +36,7 @@ from torch import nn
 from torch.autograd.profiler import record_function
 
 from .meprop import MePropLinear
-from .sparse_linear import SparseLinear, linear_weight, topk_dense
+from .sparse_linear import LOW_PRECISION, SparseLinear, linear_weight, master_dtype
 from .support import SupportPlan, topk_support
 
 # id(source basis) -> (weakref to it, fn, converted basis) of the latest Module._apply
@@ -39,12 +45,21 @@ from .support import SupportPlan, topk_support
 _CONVERTED_BASES: dict[int, tuple] = {}
 
 
+def _keep_precision(fn, t: torch.Tensor) -> torch.Tensor:
+    """fn(t) for a Module._apply conversion, never narrower than float32: the bases and the
+    trained values of a low-precision layer stay float32 (`model.to(torch.bfloat16)` included)."""
+    out = fn(t)
+    if out.dtype in LOW_PRECISION and t.dtype not in LOW_PRECISION:
+        out = t.to(device=out.device, dtype=torch.float32)
+    return out
+
+
 def _convert_shared(basis: torch.Tensor, fn) -> torch.Tensor:
     entry = _CONVERTED_BASES.get(id(basis))
     if entry is None or entry[0]() is not basis or entry[1] is not fn:
         key = id(basis)
         ref = weakref.ref(basis, lambda _, key=key: _CONVERTED_BASES.pop(key, None))
-        entry = _CONVERTED_BASES[key] = (ref, fn, fn(basis))
+        entry = _CONVERTED_BASES[key] = (ref, fn, _keep_precision(fn, basis))
     return entry[2]
 
 
@@ -58,6 +73,8 @@ class SparseGradLinear(SparseLinear):
         k: number of trained entries (per step, in `dynamic`).
         U: (d_in, d_in) and V: (d_out, d_out) orthogonal bases, rows are basis vectors. Held by
             reference: pass the same tensors to every layer of a role and they are stored once.
+        dtype: the weight's; bfloat16 / float16 keep S and the bases in float32 and the pretrained
+            weight in `base_weight` (build such layers with from_linear, which fills it).
     """
 
     def __new__(cls, *args, mode: str | None = None, **kwargs):
@@ -74,6 +91,7 @@ class SparseGradLinear(SparseLinear):
         if mode is not None and mode != self.mode:
             raise ValueError(f"mode={mode!r} does not fit {type(self).__name__} (mode {self.mode!r})")
         super().__init__(in_features, out_features, bias, k=k, device=device, dtype=dtype)
+        basis_dtype = master_dtype(dtype)
         for name, basis, d in (("U", U, in_features), ("V", V, out_features)):
             if basis is None:
                 raise ValueError(f"mode={self.mode!r} needs the basis {name} ({d}x{d}); "
@@ -87,8 +105,10 @@ class SparseGradLinear(SparseLinear):
             # (checkpoints stay small; load them into a model converted with the same bases).
             # Row-major storage: the sparse kernels copy anything else on every call.
             # `.to` returns the tensor itself when it already fits, so a shared basis stays shared.
-            self.register_buffer(name, basis.to(device=device, dtype=dtype or basis.dtype).contiguous(),
+            self.register_buffer(name, basis.to(device=device, dtype=basis_dtype or basis.dtype).contiguous(),
                                  persistent=False)
+        # W_0 of a low-precision weight, which every fold rebuilds from (see sync)
+        self.register_buffer("base_weight", torch.empty_like(self.weight) if self.weight.dtype in LOW_PRECISION else None)
 
     @classmethod
     def from_linear(cls, module: nn.Module, *, k: int, mode: str | None = None, **kwargs) -> SparseLinear:
@@ -106,42 +126,85 @@ class SparseGradLinear(SparseLinear):
             return target.from_linear(module, k=k, **kwargs)
         if mode is not None and mode != cls.mode:
             raise ValueError(f"mode={mode!r} does not fit {cls.__name__} (mode {cls.mode!r})")
-        return super().from_linear(module, k=k, **kwargs)
+        layer = super().from_linear(module, k=k, **kwargs)
+        if layer.base_weight is not None:
+            layer.base_weight.copy_(layer.weight.detach())
+        return layer
 
     # ------------------------------------------------------------------ state
     def _apply(self, fn, recurse=True):
+        # the bases stay shared between layers; they and S stay at least float32
         bases = {name: self._buffers.pop(name) for name in ("U", "V") if self._buffers.get(name) is not None}
+        kept = {name: t for name, t in (*self._parameters.items(), *self._buffers.items()) if name in self._master}
+        for name in kept:
+            (self._parameters if name in self._parameters else self._buffers).pop(name)
         try:
             result = super()._apply(fn, recurse)
         finally:
             for name, basis in bases.items():
                 self._buffers[name] = _convert_shared(basis, fn)
+            for name, t in kept.items():
+                if isinstance(t, nn.Parameter):
+                    t.data = _keep_precision(fn, t.data)
+                    self._parameters[name] = t
+                else:
+                    self._buffers[name] = _keep_precision(fn, t)
+        if self.weight.dtype in LOW_PRECISION and self.base_weight is None and not self.trainable.detach().any():
+            self.base_weight = self.weight.detach().clone()  # converted before training: W_0 is the weight
+        elif self.weight.dtype not in LOW_PRECISION:
+            self.base_weight = None  # float32 / float64 weights take each change in place
         return result
+
+    _master = ("values", "delta", "_merged")  # S and its fold record: never narrowed below float32
 
     def trained_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, cols, values) of S's trained entries: what an adapter stores."""
         raise NotImplementedError
 
     def _changed(self) -> tuple[SupportPlan, torch.Tensor] | None:
-        """(plan, values) of the entries of S that changed since the last fold, or None."""
+        """(plan, values) of the entries of S that changed since the last fold, or None; marks them folded."""
         raise NotImplementedError
+
+    def _trained_plan(self) -> tuple[SupportPlan, torch.Tensor] | None:
+        """(plan, values) of every trained entry of S, or None when S is zero."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def set_trained(self, values: torch.Tensor) -> None:
+        """Set S's trained values (fixed: the (k,) `values`; dynamic: the dense (d_in, d_out) `delta`)
+        and fold the change into the weight. Writing the parameter in place skips the fold."""
+        self.trainable.copy_(values)
+        self.sync()
 
     @torch.no_grad()
     def sync(self) -> None:
         """Fold trained values that changed since the last fold into `weight`."""
+        low = self.weight.dtype in LOW_PRECISION
+        if low and self.base_weight is None:
+            raise TypeError(
+                f"this layer's weight became {self.weight.dtype} after training started, so the pretrained weight "
+                "it folds from is lost: convert the model (model.to(dtype)) before sparsegrad.apply, or merge first"
+            )
         changed = self._changed()
         if changed is None:
             return
-        if self.weight.dtype not in (torch.float32, torch.float64):
-            raise TypeError(
-                f"SparseGradLinear keeps its frozen weight in float32 or float64, not {self.weight.dtype}; "
-                "load the model in float32 and train in bfloat16 under torch.autocast"
-            )
-        plan, values = changed
-        a, b = plan.sides(self.U, self.V)
         with record_function("sparsegrad.fold"), torch.autocast(self.weight.device.type, enabled=False):
-            plan.fold(self.weight.data, values.to(a.dtype), a, b)
-        self._merged.copy_(self.trainable.detach())
+            if low:
+                self._rebuild()
+            else:
+                plan, values = changed
+                a, b = plan.sides(self.U, self.V)
+                plan.fold(self.weight.data, values.to(a.dtype), a, b)
+
+    def _rebuild(self) -> None:
+        """weight = round(W_0 + U^T S V), the sum in float32: exact after any number of steps."""
+        out = self.base_weight.float()  # (d_out, d_in)
+        trained = self._trained_plan()
+        if trained is not None:
+            plan, values = trained
+            a, b = plan.sides(self.U.float(), self.V.float())
+            plan.fold(out, values.float(), a, b)
+        self.weight.data.copy_(out)
 
 
 class FixedSparseGradLinear(SparseGradLinear):
@@ -173,8 +236,8 @@ class FixedSparseGradLinear(SparseGradLinear):
         order = torch.argsort(cols * in_features + rows if transposed else rows * out_features + cols)
         self.register_buffer("rows", rows[order].to(torch.int32))
         self.register_buffer("cols", cols[order].to(torch.int32))
-        self.values = nn.Parameter(torch.zeros(k, device=device, dtype=dtype))
-        self.register_buffer("_merged", torch.zeros(k, device=device, dtype=dtype))
+        self.values = nn.Parameter(torch.zeros(k, device=device, dtype=master_dtype(dtype)))
+        self.register_buffer("_merged", torch.zeros(k, device=device, dtype=master_dtype(dtype)))  # values folded
         self._plan: SupportPlan | None = None
         self._plan_key = None
 
@@ -209,7 +272,13 @@ class FixedSparseGradLinear(SparseGradLinear):
 
     def _changed(self):
         diff = self.values.detach() - self._merged
-        return (self._support_plan(), diff) if bool(diff.any()) else None
+        if not bool(diff.any()):
+            return None
+        self._merged.copy_(self.values.detach())
+        return self._support_plan(), diff
+
+    def _trained_plan(self):
+        return self._support_plan(), self.values.detach()
 
     def _trainable_grad(self, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
         plan = self._support_plan()
@@ -223,7 +292,12 @@ class FixedSparseGradLinear(SparseGradLinear):
 
 
 class DynamicSparseGradLinear(SparseGradLinear):
-    """The paper's selection: S is dense, its gradient keeps the top-k entries of U G V^T per step."""
+    """The paper's selection: S is dense, its gradient keeps the top-k entries of U G V^T per step.
+
+    The gradient is a sparse tensor of those k entries, so an optimizer changes S only there
+    (a lazy one: sparsegrad.optimizer, torch.optim.SparseAdam). The layer remembers the entries it
+    handed out and their values, and folds what changed there: no dense copy of S is kept.
+    """
 
     mode = "dynamic"
 
@@ -231,24 +305,73 @@ class DynamicSparseGradLinear(SparseGradLinear):
                  U: torch.Tensor | None = None, V: torch.Tensor | None = None, mode: str | None = None,
                  device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias, k=k, U=U, V=V, mode=mode, device=device, dtype=dtype)
-        self.delta = nn.Parameter(torch.zeros(in_features, out_features, device=device, dtype=dtype))
-        self.register_buffer("_merged", torch.zeros(in_features, out_features, device=device, dtype=dtype))
+        self.delta = nn.Parameter(torch.zeros(in_features, out_features, device=device, dtype=master_dtype(dtype)))
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (flat indices, values of S there) since the fold
+        self._folded_key = self._delta_key()
 
     @property
     def trainable(self) -> nn.Parameter:
         return self.delta
 
+    def _delta_key(self) -> tuple[int, int]:
+        return self.delta.data_ptr(), self.delta._version
+
     def trained_entries(self):
         flat = self.delta.detach().reshape(-1).nonzero().squeeze(1)
         return flat // self.out_features, flat % self.out_features, self.delta.detach().reshape(-1)[flat]
 
+    def _plan(self, flat: torch.Tensor) -> SupportPlan:
+        return SupportPlan.build(flat // self.out_features, flat % self.out_features, self.in_features, self.out_features)
+
+    def _trained_plan(self):
+        rows, cols, values = self.trained_entries()
+        return (SupportPlan.build(rows, cols, self.in_features, self.out_features), values) if values.numel() else None
+
+    @torch.no_grad()
+    def set_trained(self, values: torch.Tensor) -> None:
+        self._pending.append((torch.arange(self.delta.numel(), device=self.delta.device),
+                              self.delta.detach().reshape(-1).clone()))
+        super().set_trained(values)
+
     def _changed(self):
-        diff = self.delta.detach() - self._merged
-        flat = diff.reshape(-1).nonzero().squeeze(1)
-        if flat.numel() == 0:
+        key = self._delta_key()
+        if key == self._folded_key:  # S untouched since the last fold (forward, recomputation, eval)
             return None
-        rows, cols = flat // self.out_features, flat % self.out_features
-        return SupportPlan.build(rows, cols, self.in_features, self.out_features), diff.reshape(-1)[flat]
+        self._folded_key = key
+        if not self._pending:  # written in place without a gradient (a broadcast of equal values)
+            return None
+        flat = torch.cat([f for f, _ in self._pending])
+        before = torch.cat([v for _, v in self._pending])
+        self._pending.clear()
+        # an entry handed out twice (accumulation) was recorded with the same value both times
+        flat, first = torch.unique(flat, return_inverse=True)
+        diff = torch.empty(flat.numel(), dtype=before.dtype, device=before.device).scatter_(
+            0, first, self.delta.detach().reshape(-1)[flat][first] - before)
+        moved = diff.ne(0)
+        if not bool(moved.any()):
+            return None
+        return self._plan(flat[moved]), diff[moved]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        # a state dict holds S with the weight it folds to (saving syncs first): nothing is pending
+        self._pending.clear()
+        self._folded_key = self._delta_key()
+
+    def _sparse_topk(self, full: torch.Tensor) -> torch.Tensor:
+        """The exact top-k entries of `full` (d_in, d_out) as a sparse gradient; their values of S are recorded."""
+        flat = torch.topk(full.reshape(-1).abs(), self.k, sorted=False).indices
+        self._pending.append((flat, self.delta.detach().reshape(-1)[flat]))
+        index = torch.stack((flat // self.out_features, flat % self.out_features))
+        return torch.sparse_coo_tensor(index, full.reshape(-1)[flat].to(self.delta.dtype), full.shape,
+                                       check_invariants=False)
+
+    @torch.no_grad()
+    def sparsify_grad(self) -> None:
+        """With topk_in_backward=False: the top-k of the complete (accumulated, all-reduced) gradient."""
+        grad = self.delta.grad
+        if grad is not None:
+            self.delta.grad = self._sparse_topk(grad.to_dense() if grad.is_sparse else grad)
 
     def _trainable_grad(self, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
         # the full transformed gradient U G V^T, then its exact top-k
@@ -261,7 +384,8 @@ class DynamicSparseGradLinear(SparseGradLinear):
             s = self.U @ g @ self.V.t()  # (d_in, d_in) @ (d_in, d_out) @ (d_out, d_out)
         else:  # few tokens: (x U^T)^T (dy V^T)
             s = (x.to(basis_dtype) @ self.U.t()).t() @ (dy.to(basis_dtype) @ self.V.t())
-        return (topk_dense(s, self.k) if self.topk_in_backward else s).to(self.delta.dtype)
+        # deferred: the complete gradient is summed (accumulation, all-reduce), then cut in sparsify_grad
+        return self._sparse_topk(s) if self.topk_in_backward else s.to(self.delta.dtype)
 
 
 LAYER_CLASSES: dict[str, type[SparseLinear]] = {

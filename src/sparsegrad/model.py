@@ -7,7 +7,7 @@ from torch import nn
 
 from .basis import Bases
 from .layer import MODES, layer_class
-from .sparse_linear import SparseLinear, check_k, in_out_features
+from .sparse_linear import SparseLinear, check_k, in_out_features, master_dtype
 from .targets import Blocks, Targets, find_targets, set_submodule
 
 
@@ -98,7 +98,7 @@ def apply(
         if mode == "meprop":
             layer = cls.from_linear(module, k=k)
         else:
-            device, dtype = module.weight.device, module.weight.dtype
+            device, dtype = module.weight.device, master_dtype(module.weight.dtype)  # bases of bf16 layers: float32
             U, V = shared.get(U, device, dtype), shared.get(V, device, dtype)
             extra = {"energy": energy} if mode == "fixed" else {}
             layer = cls.from_linear(module, k=k, U=U, V=V, **extra)

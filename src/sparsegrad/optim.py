@@ -96,6 +96,25 @@ class SparseAdamW(torch.optim.Optimizer):
         p_flat[flat_idx] = w
 
 
+@torch.no_grad()
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ (2-norm) for gradients that may be sparse (the `dynamic`
+    mode's top-k); returns the total norm before clipping."""
+    params = [p for p in parameters if p.grad is not None]
+    if not params:
+        return torch.tensor(0.0)
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()  # scaled through its values below
+    grads = [p.grad for p in params]
+    norms = [torch.linalg.vector_norm(g.values() if g.is_sparse else g, dtype=torch.float32) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        (g.values() if g.is_sparse else g).mul_(scale.to(g.device, g.dtype))
+    return total
+
+
 def _no_decay(name: str, p: torch.Tensor) -> bool:
     return p.ndim < 2 or name.endswith("bias") or "norm" in name.lower()
 

@@ -19,6 +19,15 @@ from torch.autograd.profiler import record_function
 # Rows of dy are gathered (the zero rows skipped) when at most this share is non-zero.
 _ROW_SKIP_BELOW = 0.9
 
+# Weights in these dtypes are folded exactly from the pretrained weight (see layer.py); the
+# trained values and the bases of such a layer are kept in float32.
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def master_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype trained values and bases are kept in for a weight of `dtype`: float32 for low precision."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
 
 # ---------------------------------------------------------------- linear-like modules
 
@@ -34,6 +43,20 @@ def is_linear_like(module: nn.Module) -> bool:
 def linear_weight(module: nn.Module) -> torch.Tensor:
     """The module's weight in nn.Linear orientation, shape (d_out, d_in)."""
     return module.weight.t() if is_conv1d(module) else module.weight
+
+
+def check_plain_weight(module: nn.Module, name: str = "") -> None:
+    """Refuse quantized linears (bitsandbytes, torchao, GPTQ/AWQ kernels): their weight cannot take the fold."""
+    weight = getattr(module, "weight", None)
+    where = f"layer {name!r}" if name else "this layer"
+    if (not is_linear_like(module) or not torch.is_tensor(weight) or type(weight) not in (torch.Tensor, nn.Parameter)
+            or not weight.is_floating_point()):
+        kind = type(weight).__name__ if torch.is_tensor(weight) and not weight.is_floating_point() else type(module).__name__
+        raise TypeError(
+            f"{where} is quantized ({kind}, weight dtype {getattr(weight, 'dtype', None)}): SparseGrad folds its "
+            "trained entries into the weight, which needs a floating-point weight. Load the model in bfloat16 "
+            "(torch_dtype=torch.bfloat16) instead of 8-bit or 4-bit; for a quantized base, use LoRA (QLoRA)"
+        )
 
 
 def in_out_features(module: nn.Module) -> tuple[int, int]:
@@ -147,11 +170,14 @@ class SparseLinear(nn.Module):
         # top-k layers: keep the top-k at every backward (the paper), or leave the full gradient
         # for `sparsify_grad` to cut once it is complete (summed over micro-batches, reduced over ranks)
         self.topk_in_backward = True
+        # whatever is saved is current: fold pending updates before state_dict() / save_pretrained
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.sync())
 
     # ------------------------------------------------------------------ building
     @classmethod
     def from_linear(cls, module: nn.Module, *, k: int, **layer_kwargs) -> SparseLinear:
         """Wrap an nn.Linear (or transformers' Conv1D); outputs are unchanged."""
+        check_plain_weight(module)
         w = linear_weight(module)
         d_out, d_in = w.shape
         layer = cls(d_in, d_out, module.bias is not None, k=k, device=w.device, dtype=w.dtype, **layer_kwargs)

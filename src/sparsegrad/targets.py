@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from .sparse_linear import SparseLinear, is_linear_like
+from .sparse_linear import SparseLinear, check_plain_weight, is_linear_like
 
 # Regular expressions over full module names, per `config.model_type`.
 _BERT_LIKE = r".*\.(intermediate\.dense|(?<!attention\.)output\.dense)"
@@ -121,6 +121,7 @@ def find_targets(model: nn.Module, targets: Targets = None, *, blocks: Blocks = 
                 f"target {name!r} is a {type(module).__name__}, not a linear layer; "
                 f"narrow targets={spec!r} to the MLP linear layers"
             )
+        check_plain_weight(module, name)
         found[name] = module
     if not found:
         linear_names = [n for n, m in model.named_modules() if is_linear_like(m)][:6]

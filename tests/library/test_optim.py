@@ -78,7 +78,7 @@ def test_state_dict_round_trip_and_clipping(minilm, minilm_bases, bbc_batches, m
 
     def step(model, optim, batch):
         model(**batch).loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        norm = sparsegrad.clip_grad_norm_(model.parameters(), 0.5)  # dynamic gradients are sparse
         assert torch.isfinite(norm)
         optim.step()
         optim.zero_grad()

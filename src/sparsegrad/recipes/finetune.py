@@ -37,6 +37,7 @@ from sparsegrad import Bases, compute_bases
 from sparsegrad import optimizer as make_optimizer
 from sparsegrad.adapter import plain_model_bytes, save_adapter
 from sparsegrad.model import defer_topk, sparsify_gradients, take_row_share
+from sparsegrad.optim import clip_grad_norm_
 from sparsegrad.targets import find_targets
 from sparsegrad.util import to_device
 
@@ -252,7 +253,8 @@ class FineTuneRecipe:
         if share is not None:
             state.row_share.append(round(share, 4))
         if self.cfg.max_grad_norm:
-            acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            acc.unscale_gradients()
+            clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)  # the dynamic mode's are sparse
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
