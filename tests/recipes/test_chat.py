@@ -154,6 +154,26 @@ def test_bf16_autocast_training(tiny_llama_dir, chat_file, tmp_path, mode):
     assert r["score"] < r["baseline"]["loss"] - 0.1, r["history"]
 
 
+@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
+def test_bfloat16_weights_train(tiny_llama_dir, chat_file, tmp_path, mode):
+    """--dtype bfloat16: the weights themselves in bfloat16 (no float32 copy), and the run learns."""
+    out = tmp_path / mode
+    assert main(_chat_args(tiny_llama_dir, chat_file, out, "--mode", mode, "--dtype", "bfloat16")) == 0
+    r = json.loads((out / "seed-0" / "results.json").read_text())
+    assert r["config"]["dtype"] == "bfloat16"
+    assert r["score"] < r["baseline"]["loss"] - 0.1, r["history"]
+
+
+def test_gradient_checkpointing_gives_the_same_run(tiny_llama_dir, chat_file, tmp_path):
+    scores = {}
+    for flag in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / ("ckpt" if flag else "plain")
+        assert main(_chat_args(tiny_llama_dir, chat_file, out, "--mode", "dynamic", "--epochs", "1", *flag)) == 0
+        r = json.loads((out / "seed-0" / "results.json").read_text())
+        scores[bool(flag)] = [h["loss"] for h in r["history"] if "loss" in h] + [r["score"]]
+    assert scores[True] == pytest.approx(scores[False], rel=1e-5)
+
+
 def test_paper_setting_every_third_block_up_and_down_with_generation(tiny_llama_dir, chat_file, tmp_path):
     out = tmp_path / "paper"
     prompts = tmp_path / "prompts.jsonl"

@@ -70,6 +70,10 @@ class RunConfig:
     eval_batch_size: int = option(64, "examples per evaluation batch")
     seed: int = option(0, "the run's seed (the command line takes several with --seeds)", flag="")
     mixed_precision: str = option("no", "autocast precision", choices=("no", "bf16", "fp16"))
+    dtype: str = option("float32", "the model's weights: bfloat16 / float16 halve their memory (SparseGrad folds "
+                        "its updates into them exactly; see README 'Precision')",
+                        choices=("float32", "bfloat16", "float16"))
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, the same run")
     cpu: bool = option(False, "train on the CPU even where CUDA is available")
     # chat
     prompts: str | None = option(None, "a JSONL prompt file (strings, {prompt}, {messages} or MT-Bench {turns}); "

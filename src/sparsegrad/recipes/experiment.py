@@ -58,7 +58,9 @@ def validate(cfg: RunConfig, bases: str | None = None) -> TaskData:
         from .chat import read_prompts
 
         read_prompts(cfg.prompts)
-    _, model = load_model(cfg.model, data.task)
+    _, model = load_model(cfg.model, data.task, cfg.dtype)
+    if cfg.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"--gradient-checkpointing: {type(model).__name__} does not support it; leave the flag out")
     layers = find_targets(model, cfg.targets, blocks=cfg.blocks)
     try:
         sparse_budget(layers, cfg.density, cfg.n_params)

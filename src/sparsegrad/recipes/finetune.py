@@ -129,7 +129,9 @@ class FineTuneRecipe:
 
         cfg = self.cfg
         set_seed(cfg.seed)
-        self.tokenizer, self.model = load_model(cfg.model, self.task)
+        self.tokenizer, self.model = load_model(cfg.model, self.task, cfg.dtype)
+        if cfg.gradient_checkpointing:  # transformers recomputes each block in backward (non-reentrant)
+            self.model.activation_checkpointing_enable()
         # runs in one process may differ in precision: forget the previous run's settings (not the process group)
         AcceleratorState._reset_state()
         # the bases are shared, frozen buffers that every rank holds alike: DDP need not broadcast them

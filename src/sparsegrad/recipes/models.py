@@ -14,8 +14,8 @@ def default_model(task: Task) -> str:
     return kind_of(task).default_model()
 
 
-def load_model(name: str | None, task: Task):
-    """(tokenizer, model) for `task`, in float32; a clear error if the folder does not load."""
+def load_model(name: str | None, task: Task, dtype: str = "float32"):
+    """(tokenizer, model) for `task` with weights in `dtype`; a clear error if the folder does not load."""
     from transformers import AutoTokenizer
 
     kind = kind_of(task)
@@ -24,7 +24,7 @@ def load_model(name: str | None, task: Task):
         raise ValueError(f"--model {name}: the folder holds no config.json; pass a Hugging Face model folder")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-        model = kind.auto_model().from_pretrained(name, dtype=torch.float32, **kind.model_kwargs(task))
+        model = kind.auto_model().from_pretrained(name, dtype=getattr(torch, dtype), **kind.model_kwargs(task))
     except (OSError, ValueError, KeyError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"--model {name}: could not load a model ({reason}); pass a local Hugging Face model "
