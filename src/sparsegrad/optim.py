@@ -2,7 +2,9 @@
 
 Groups marked ``lazy`` (the `dynamic` delta, the `meprop` weight) update only the
 entries whose gradient is non-zero this step -- moments, weight decay and all --
-as torch.optim.SparseAdam does; the `fixed` mode's values are a dense vector
+as torch.optim.SparseAdam does, and hold moments only for the entries that ever had a
+gradient (a sorted index beside them): a top-k method's optimizer state grows with
+what it trained, not with the weight. The `fixed` mode's values are a dense vector
 and use the ordinary update, so their state is O(k).
 """
 from __future__ import annotations
@@ -57,8 +59,13 @@ class SparseAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    if group["lazy"]:  # moments of the entries in `index` (sorted flat indices) only
+                        state["index"] = torch.zeros(0, dtype=torch.long, device=p.device)
+                        state["exp_avg"] = p.new_zeros(0)
+                        state["exp_avg_sq"] = p.new_zeros(0)
+                    else:
+                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
                 step = float(state["step"])
                 bias1, bias2 = 1 - beta1**step, 1 - beta2**step
@@ -75,25 +82,55 @@ class SparseAdamW(torch.optim.Optimizer):
 
     @staticmethod
     def _lazy_update(p, grad, state, lr, beta1, beta2, eps, wd, bias1, bias2) -> None:
-        if grad.is_sparse:
-            grad = grad.coalesce()
-            idx = grad.indices()
-            flat_idx = torch.zeros(idx.shape[1], dtype=torch.long, device=idx.device)
-            for dim, size in enumerate(p.shape):
-                flat_idx = flat_idx * size + idx[dim]
-            g = grad.values().reshape(-1)
-        else:
-            flat_idx = grad.reshape(-1).nonzero().squeeze(1)
-            g = grad.reshape(-1)[flat_idx]
+        flat_idx, g = _flat_gradient(p, grad)
         if flat_idx.numel() == 0:
             return
-        p_flat, m_flat, v_flat = p.view(-1), state["exp_avg"].view(-1), state["exp_avg_sq"].view(-1)
-        m = m_flat[flat_idx].lerp_(g, 1 - beta1)
-        v = v_flat[flat_idx].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        m_flat[flat_idx], v_flat[flat_idx] = m, v
+        pos = _moment_positions(state, flat_idx)
+        m = state["exp_avg"][pos].lerp_(g, 1 - beta1)
+        v = state["exp_avg_sq"][pos].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        state["exp_avg"][pos], state["exp_avg_sq"][pos] = m, v
+        p_flat = p.view(-1)
         w = p_flat[flat_idx].mul_(1 - lr * wd)
         w.addcdiv_(m, (v.sqrt() / math.sqrt(bias2)).add_(eps), value=-lr / bias1)
         p_flat[flat_idx] = w
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts floating-point state to the parameter's dtype: keep the lazy moments' index integral
+        state_dict = {**state_dict, "state": {k: dict(v) for k, v in state_dict["state"].items()}}
+        indices = {k: s.pop("index") for k, s in state_dict["state"].items() if "index" in s}
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for k, index in indices.items():
+            self.state[params[k]]["index"] = index.to(params[k].device, torch.long)
+
+
+def _flat_gradient(p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat indices, values) of a gradient's non-zero entries, dense or sparse COO."""
+    if grad.is_sparse:
+        grad = grad.coalesce()
+        idx = grad.indices()
+        flat_idx = torch.zeros(idx.shape[1], dtype=torch.long, device=idx.device)
+        for dim, size in enumerate(p.shape):
+            flat_idx = flat_idx * size + idx[dim]
+        return flat_idx, grad.values().reshape(-1)
+    flat_idx = grad.reshape(-1).nonzero().squeeze(1)
+    return flat_idx, grad.reshape(-1)[flat_idx]
+
+
+def _moment_positions(state: dict, flat_idx: torch.Tensor) -> torch.Tensor:
+    """Positions of `flat_idx` in the lazy moments, adding zero moments for entries seen the first time."""
+    index = state["index"]
+    pos = torch.searchsorted(index, flat_idx)
+    known = pos < index.numel()
+    known[known.clone()] = index[pos[known]] == flat_idx[known]
+    if not bool(known.all()):
+        index, order = torch.cat((index, flat_idx[~known])).sort()
+        for key in ("exp_avg", "exp_avg_sq"):
+            grown = torch.cat((state[key], state[key].new_zeros(int((~known).sum()))))
+            state[key] = grown[order]
+        state["index"] = index
+        pos = torch.searchsorted(index, flat_idx)
+    return pos
 
 
 @torch.no_grad()

@@ -38,7 +38,8 @@ def test_speed_counts_training_state_exactly(tmp_path, capsys):
     assert ft["added_bytes"] == 0 and ft["grad_bytes"] == 4 * (ft["trainable"])
     assert ft["optimizer_bytes"] >= 8 * ft["trainable"]
     assert fixed["state_bytes"] < 0.1 * ft["state_bytes"]
-    assert dyn["state_bytes"] > ft["state_bytes"]  # dense delta, merged copy and full-size lazy moments
+    # dynamic: S, a sparse gradient and moments only where it trained (the paper: 0.76x full FT)
+    assert dyn["state_bytes"] < 0.75 * ft["state_bytes"]
     assert fixed["real_tokens"] < 2 * 16  # padded
     assert 0 < fixed["support_rotated_share"] <= 1
 

@@ -24,7 +24,11 @@ def test_matches_torch_adamw_on_a_full_support(lazy):
         ref.step()
         ours.step()
         torch.testing.assert_close(p, p_ref, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(ours.state[p]["exp_avg_sq"], ref.state[p_ref]["exp_avg_sq"])
+    expected = ref.state[p_ref]["exp_avg_sq"]
+    if lazy:  # moments of the entries that had a gradient, by sorted flat index: here all of them
+        assert torch.equal(ours.state[p]["index"], torch.arange(30))
+        expected = expected.reshape(-1)
+    torch.testing.assert_close(ours.state[p]["exp_avg_sq"], expected)
 
 
 def test_lazy_update_touches_only_the_gradient_support():
@@ -36,12 +40,26 @@ def test_lazy_update_touches_only_the_gradient_support():
     opt.step()
     changed = (p != 1).nonzero().tolist()
     assert changed == [[1, 2], [3, 0]]  # weight decay and moments lazily, too
+    assert opt.state[p]["index"].tolist() == [6, 12] and opt.state[p]["exp_avg"].numel() == 2
     # sparse COO gradients take the same path
     q = nn.Parameter(torch.ones(4, 4))
     opt_q = SparseAdamW([q], lr=0.1, weight_decay=0.5, lazy=True)
     q.grad = grad.to_sparse()
     opt_q.step()
     assert torch.equal(q, p)
+
+
+def test_lazy_moments_grow_with_the_entries_trained():
+    p = nn.Parameter(torch.ones(4, 4))
+    opt = SparseAdamW([p], lr=0.1, lazy=True)
+    for entries in ([(1, 2), (3, 0)], [(0, 1), (3, 0)]):  # one new entry, one known
+        p.grad = torch.zeros(4, 4)
+        for (i, j), g in zip(entries, (0.5, 1.0)):
+            p.grad[i, j] = g
+        opt.step()
+    assert opt.state[p]["index"].tolist() == [1, 6, 12]
+    m = opt.state[p]["exp_avg"]
+    assert m.tolist() == pytest.approx([0.1 * 0.5, 0.1 * 0.5, 0.9 * 0.1 * 1.0 + 0.1 * 1.0])  # entry 6 untouched: lazy
 
 
 @pytest.fixture(scope="module")
