@@ -11,10 +11,12 @@ nn.Linear's (see sparse_linear.py). Whenever S changes (an optimizer step), the 
 `state_dict()` or merge folds the change into `weight` (`sync`):
   - float32 / float64 weights take the step's change, W += U^T dS V, in place;
   - bfloat16 / float16 weights are rebuilt, W = round(W_0 + U^T S V) with the sum evaluated in
-    float32 and rounded once, from the pretrained weight W_0 kept beside them (`base_weight`).
-    Adding each step's change to a bfloat16 weight would round once per step: small updates
-    would vanish and the error would grow with the number of steps. S and the bases of such a
-    layer are float32; no float32 copy of the weight is kept.
+    float32 and rounded once. Adding each step's change to a bfloat16 weight instead would round
+    once per step: small updates would vanish and the error would grow with the steps. W_0 is not
+    stored: it is given back by the weight itself, W_0 = round(W - U^T S_old V), which holds for
+    all but a few entries (where the last rounding crossed a power of two, or tied); each rebuild
+    checks every entry and keeps the pretrained value of those few (`w0_index`, `w0_value`).
+    S and the bases of such a layer are float32; no float32 or second copy of the weight is kept.
 
 Two selections of S's trained entries, two classes sharing the bases, the fold and the autograd
 function:
@@ -30,6 +32,7 @@ The MeProp baseline (top-k in the original space, no basis) is meprop.MePropLine
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -73,8 +76,8 @@ class SparseGradLinear(SparseLinear):
         k: number of trained entries (per step, in `dynamic`).
         U: (d_in, d_in) and V: (d_out, d_out) orthogonal bases, rows are basis vectors. Held by
             reference: pass the same tensors to every layer of a role and they are stored once.
-        dtype: the weight's; bfloat16 / float16 keep S and the bases in float32 and the pretrained
-            weight in `base_weight` (build such layers with from_linear, which fills it).
+        dtype: the weight's; bfloat16 / float16 keep S and the bases in float32 (see the module's
+            notes on how their weight is rebuilt exactly).
     """
 
     def __new__(cls, *args, mode: str | None = None, **kwargs):
@@ -107,8 +110,10 @@ class SparseGradLinear(SparseLinear):
             # `.to` returns the tensor itself when it already fits, so a shared basis stays shared.
             self.register_buffer(name, basis.to(device=device, dtype=basis_dtype or basis.dtype).contiguous(),
                                  persistent=False)
-        # W_0 of a low-precision weight, which every fold rebuilds from (see sync)
-        self.register_buffer("base_weight", torch.empty_like(self.weight) if self.weight.dtype in LOW_PRECISION else None)
+        # low precision: the entries whose pretrained value the weight cannot give back (see _rebuild)
+        low = self.weight.dtype in LOW_PRECISION
+        self.register_buffer("w0_index", torch.zeros(0, dtype=self._index_dtype(), device=device) if low else None)
+        self.register_buffer("w0_value", self.weight.new_zeros(0) if low else None)
 
     @classmethod
     def from_linear(cls, module: nn.Module, *, k: int, mode: str | None = None, **kwargs) -> SparseLinear:
@@ -126,10 +131,7 @@ class SparseGradLinear(SparseLinear):
             return target.from_linear(module, k=k, **kwargs)
         if mode is not None and mode != cls.mode:
             raise ValueError(f"mode={mode!r} does not fit {cls.__name__} (mode {cls.mode!r})")
-        layer = super().from_linear(module, k=k, **kwargs)
-        if layer.base_weight is not None:
-            layer.base_weight.copy_(layer.weight.detach())
-        return layer
+        return super().from_linear(module, k=k, **kwargs)
 
     # ------------------------------------------------------------------ state
     def _apply(self, fn, recurse=True):
@@ -149,11 +151,23 @@ class SparseGradLinear(SparseLinear):
                     self._parameters[name] = t
                 else:
                     self._buffers[name] = _keep_precision(fn, t)
-        if self.weight.dtype in LOW_PRECISION and self.base_weight is None and not self.trainable.detach().any():
-            self.base_weight = self.weight.detach().clone()  # converted before training: W_0 is the weight
-        elif self.weight.dtype not in LOW_PRECISION:
-            self.base_weight = None  # float32 / float64 weights take each change in place
+        low = self.weight.dtype in LOW_PRECISION
+        if low and self.w0_index is None:  # narrowed: from here on W_0 is what the weight gives back
+            self.w0_index = torch.zeros(0, dtype=self._index_dtype(), device=self.weight.device)
+            self.w0_value = self.weight.new_zeros(0)
+        elif not low:
+            self.w0_index = self.w0_value = None  # float32 / float64 weights take each change in place
         return result
+
+    def _index_dtype(self) -> torch.dtype:
+        return torch.int32 if self.in_features * self.out_features < 2**31 else torch.long
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("w0_index", "w0_value"):  # as many entries as the saved layer had
+            saved = state_dict.get(prefix + name)
+            if saved is not None and getattr(self, name) is not None:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     _master = ("values", "delta", "_merged")  # S and its fold record: never narrowed below float32
 
@@ -161,12 +175,16 @@ class SparseGradLinear(SparseLinear):
         """(rows, cols, values) of S's trained entries: what an adapter stores."""
         raise NotImplementedError
 
-    def _changed(self) -> tuple[SupportPlan, torch.Tensor] | None:
-        """(plan, values) of the entries of S that changed since the last fold, or None; marks them folded."""
+    def _changed(self) -> _Change | None:
+        """The entries of S that changed since the last fold, or None; marks them folded."""
         raise NotImplementedError
 
     def _trained_plan(self) -> tuple[SupportPlan, torch.Tensor] | None:
         """(plan, values) of every trained entry of S, or None when S is zero."""
+        raise NotImplementedError
+
+    def _folded_plan(self, change: _Change) -> tuple[SupportPlan, torch.Tensor] | None:
+        """(plan, values) of S as it was at the last fold, before `change`."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -179,32 +197,53 @@ class SparseGradLinear(SparseLinear):
     @torch.no_grad()
     def sync(self) -> None:
         """Fold trained values that changed since the last fold into `weight`."""
-        low = self.weight.dtype in LOW_PRECISION
-        if low and self.base_weight is None:
-            raise TypeError(
-                f"this layer's weight became {self.weight.dtype} after training started, so the pretrained weight "
-                "it folds from is lost: convert the model (model.to(dtype)) before sparsegrad.apply, or merge first"
-            )
-        changed = self._changed()
-        if changed is None:
+        change = self._changed()
+        if change is None:
             return
         with record_function("sparsegrad.fold"), torch.autocast(self.weight.device.type, enabled=False):
-            if low:
-                self._rebuild()
+            if self.weight.dtype in LOW_PRECISION:
+                self._rebuild(self._folded_plan(change), self._trained_plan())
             else:
-                plan, values = changed
-                a, b = plan.sides(self.U, self.V)
-                plan.fold(self.weight.data, values.to(a.dtype), a, b)
+                a, b = change.plan.sides(self.U, self.V)
+                change.plan.fold(self.weight.data, change.diff.to(a.dtype), a, b)
 
-    def _rebuild(self) -> None:
-        """weight = round(W_0 + U^T S V), the sum in float32: exact after any number of steps."""
-        out = self.base_weight.float()  # (d_out, d_in)
-        trained = self._trained_plan()
+    def _delta(self, trained: tuple[SupportPlan, torch.Tensor] | None) -> torch.Tensor:
+        """U^T S V in weight orientation (d_out, d_in), float32; the same bits for the same S."""
+        out = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.weight.device)
         if trained is not None:
             plan, values = trained
             a, b = plan.sides(self.U.float(), self.V.float())
             plan.fold(out, values.float(), a, b)
-        self.weight.data.copy_(out)
+        return out
+
+    def _rebuild(self, folded, trained) -> None:
+        """weight = round(W_0 + U^T S V), the sum in float32 and rounded once: exact after any number of steps.
+
+        W_0 comes back from the weight: W = round(W_0 + D_old) with D_old = U^T S_old V, so
+        round(W - D_old) = W_0 wherever that rounding moved W_0 by less than half a unit of W_0's
+        last place -- every entry but those whose sum crossed a power of two or tied. The rebuild
+        checks each entry against the next recovery (which repeats the same float32 D) and keeps
+        the pretrained value of the few that would not come back in (w0_index, w0_value).
+        """
+        weight = self.weight.data
+        base = (weight.float() - self._delta(folded)).to(weight.dtype).view(-1)  # W_0, but for the kept entries
+        base[self.w0_index] = self.w0_value
+        delta = self._delta(trained).view(-1)
+        new = (base.float() + delta).to(weight.dtype)  # rounded once
+        lost = ((new.float() - delta).to(weight.dtype) != base).nonzero().squeeze(1)
+        self.w0_index, self.w0_value = lost.to(self._index_dtype()), base[lost]
+        weight.view(-1).copy_(new)
+
+
+@dataclass
+class _Change:
+    """What changed in S since the last fold: diff = S - S_folded at the plan's entries (caller order);
+    `before` holds S_folded there, `flat` their flat indices (None: the fixed support, in its order)."""
+
+    plan: SupportPlan
+    diff: torch.Tensor
+    before: torch.Tensor
+    flat: torch.Tensor | None = None
 
 
 class FixedSparseGradLinear(SparseGradLinear):
@@ -274,11 +313,15 @@ class FixedSparseGradLinear(SparseGradLinear):
         diff = self.values.detach() - self._merged
         if not bool(diff.any()):
             return None
+        before = self._merged.clone()
         self._merged.copy_(self.values.detach())
-        return self._support_plan(), diff
+        return _Change(self._support_plan(), diff, before)
 
     def _trained_plan(self):
         return self._support_plan(), self.values.detach()
+
+    def _folded_plan(self, change):
+        return self._support_plan(), change.before
 
     def _trainable_grad(self, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
         plan = self._support_plan()
@@ -344,13 +387,19 @@ class DynamicSparseGradLinear(SparseGradLinear):
         before = torch.cat([v for _, v in self._pending])
         self._pending.clear()
         # an entry handed out twice (accumulation) was recorded with the same value both times
-        flat, first = torch.unique(flat, return_inverse=True)
-        diff = torch.empty(flat.numel(), dtype=before.dtype, device=before.device).scatter_(
-            0, first, self.delta.detach().reshape(-1)[flat][first] - before)
+        flat, inverse = torch.unique(flat, return_inverse=True)
+        before = before.new_empty(flat.numel()).scatter_(0, inverse, before)
+        diff = self.delta.detach().reshape(-1)[flat] - before
         moved = diff.ne(0)
         if not bool(moved.any()):
             return None
-        return self._plan(flat[moved]), diff[moved]
+        return _Change(self._plan(flat[moved]), diff[moved], before[moved], flat[moved])
+
+    def _folded_plan(self, change):
+        folded = self.delta.detach().clone().reshape(-1)  # S before the change: a transient copy
+        folded[change.flat] = change.before
+        flat = folded.nonzero().squeeze(1)
+        return (self._plan(flat), folded[flat]) if flat.numel() else None
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
