@@ -132,3 +132,40 @@ def test_layer_bench_ratios_against_full_ft_from_the_same_run(tmp_path, capsys):
     assert fixed["state_vs_ft"] < 0.1  # k values and their state, not a dense weight's
     assert fixed["bases_bytes"] == 4 * (fixed["d_in"] ** 2 + fixed["d_out"] ** 2)  # U and V, counted apart
     assert "| sparsegrad-fixed |" in capsys.readouterr().out
+
+
+def test_llm_bench_measures_projects_and_resumes(tmp_path):
+    """`bench llm` on a tiny LLaMA shape: every series measured once, the 32-block projection is the
+    documented arithmetic on those rows, a second run reuses them, and the page shows the section."""
+    from sparsegrad.bench import llm
+
+    out = tmp_path / "llm"
+    argv = ["bench", "llm", "--shapes", "tiny", "--methods", "ft", "lora", "fixed-100k", "dynamic-100k",
+            "--targets", "paper", "--blocks", "1", "2", "--checkpointing", "off", "--seq", "16",
+            "--output-dir", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / "llm-cpu-tiny.json").read_text())
+    rows = result["rows"]
+    # full FT: N = 1, 2; each other method: N = 1, 2 with every block a target, and N = 2 with block 0 only
+    assert len(rows) == 2 + 3 * 3
+    by = {(r["method"], r["n_blocks"], r["block0_only"]): r for r in rows}
+    assert by[("fixed-100k", 2, False)]["trainable"] == 4 * llm.PAPER_N_PARAMS["tiny"]  # up, down x 2 blocks
+    assert by[("fixed-100k", 2, True)]["trainable"] == 2 * llm.PAPER_N_PARAMS["tiny"]
+    assert by[("lora", 1, False)]["lora_rank"] == 32
+    for r in rows:
+        assert r["peak_bytes"] > 0 and r["state_bytes"] > 0
+    proj = {p["method"]: p for p in result["projections"]}
+    assert set(proj) == {"ft", "lora", "fixed-100k", "dynamic-100k"}
+    one, two, other = (by[("fixed-100k", n, b0)]["state_bytes"] for n, b0 in ((1, False), (2, False), (2, True)))
+    assert proj["fixed-100k"]["state_bytes_32"] == pytest.approx(one + 10 * (two - one) + 21 * (other - one))
+    ft1, ft2 = by[("ft", 1, False)]["peak_bytes"], by[("ft", 2, False)]["peak_bytes"]
+    assert proj["ft"]["peak_bytes_32"] == pytest.approx(ft1 + 31 * (ft2 - ft1))
+    assert proj["lora"]["peak_bytes_32_vs_lora"] == pytest.approx(1.0)
+
+    assert main(argv) == 0  # resumes: nothing measured again
+    assert json.loads((out / "llm-cpu-tiny.json").read_text())["rows"] == rows
+    page = tmp_path / "results.md"
+    assert main(["bench", "report", "--results", str(out), "--output", str(page)]) == 0
+    text = page.read_text()
+    assert "## LLaMA-2-7B shapes on one device" in text and "| fixed-100k | paper | off |" in text
+    assert "7B shapes, peak, fixed / LoRA <= 1.05" in text

@@ -2,6 +2,7 @@
 
     layer   one MLP linear per method: the kernels alone
     speed   whole models per method: steps/s, peak memory, training-state bytes (Tables 3, 7, 8)
+    llm     LLaMA-2-7B shapes in bfloat16: peak memory and state per method, projected to 32 blocks
     bases   the preliminary phase: streaming Gram sums against unfold-and-SVD
     glue    methods x GLUE tasks x seeds and the sparsity ablation (Tables 4, 11, 12)
     chat    instruction tuning of the embedded decoder per method (Table 6)
@@ -13,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import bases, chat, glue, layer, report, speed
+from . import bases, chat, glue, layer, llm, report, speed
 
-BENCHES = {"layer": layer, "speed": speed, "bases": bases, "glue": glue, "chat": chat, "report": report}
+BENCHES = {"layer": layer, "speed": speed, "llm": llm, "bases": bases, "glue": glue, "chat": chat, "report": report}
 
 
 def add_bench_commands(parser: argparse.ArgumentParser) -> None:

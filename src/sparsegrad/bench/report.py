@@ -3,7 +3,7 @@
     sparsegrad bench report --results docs/results --output docs/results.md
     sparsegrad bench report --results docs/results --glue-runs bench-results/glue --compaction
 
-Reads from --results: speed-*.json (bench speed), bases.json (bench bases), glue.json
+Reads from --results: speed-*.json (bench speed), llm-*.json (bench llm), bases.json (bench bases), glue.json
 (bench glue), chat.json (bench chat), compaction.json and row_share.json (written here). --glue-runs extracts the
 per-step share of non-zero output-gradient rows of the SparseGrad runs (Fig. 3) into
 row_share.json; --compaction computes Fig. 2's data (one real MiniLM layer's gradient in the
@@ -202,7 +202,10 @@ def performance_targets(speeds: list[dict], bases: dict | None) -> list[tuple[st
     if runs:
         run = max(runs, key=lambda s: s["meta"].get("repeats", 1))
         by = {r["method"]: r for r in run["rows"] if r["model"] == "bert-base" and r["batch_size"] == 16}
-        fixed = by.get("sparsegrad-fixed")
+        fixed, dynamic = by.get("sparsegrad-fixed"), by.get("sparsegrad-dynamic")
+        if dynamic and "ft" in by:
+            out.append((f"training state, dynamic / full FT <= 0.75 (`{run['meta']['rest']}` rest)",
+                        dynamic["state_bytes_vs_ft"], dynamic["state_bytes_vs_ft"] <= 0.75))
         if fixed and "ft" in by and "lora" in by:
             checks = [("step time, fixed / full FT <= 0.95", fixed["step_s_vs_ft"], 0.95),
                       ("step time, fixed / LoRA <= 1.15", fixed["step_s_vs_lora"], 1.15),
@@ -217,6 +220,26 @@ def performance_targets(speeds: list[dict], bases: dict | None) -> list[tuple[st
     return out
 
 
+def _llm_section(results: Path) -> list[str]:
+    from . import llm as llm_bench
+
+    lines = []
+    for path in sorted(results.glob("llm-*.json")):
+        result = _load(path)
+        m = result["meta"]
+        if not lines:
+            lines = ["## LLaMA-2-7B shapes on one device", "",
+                     llm_bench.__doc__.split("\n\n")[2].replace("\n", " "), "",
+                     llm_bench.__doc__.split("\n\n")[3].replace("\n", " "), ""]
+        lines += [f"### `{path.name}`: {m['device']}, shapes {m['shapes']}, sequence {m['seq']}, batch 1, "
+                  f"blocks measured {m['blocks']}", "", llm_bench.markdown(result), ""]
+        met = llm_bench.targets_met(result)
+        if met:
+            lines += ["| target (projected to 32 blocks) | measured | met |", "|---|---:|---|"]
+            lines += [f"| {name} | {v:.2f} | {'yes' if ok else '**no**'} |" for name, v, ok in met] + [""]
+    return lines
+
+
 def build(results: Path, output: Path) -> str:
     """docs/results.md from the JSON in `results`: one section per benchmark that left its file."""
     def link(name: str) -> str:
@@ -229,6 +252,7 @@ def build(results: Path, output: Path) -> str:
     lines += _machine_section(speeds)
     lines += _targets_section(speeds, _load(results / "bases.json"))
     lines += _speed_section(speeds, results, link)
+    lines += _llm_section(results)
     lines += _bases_section(_load(results / "bases.json"))
     lines += _compaction_section(_load(results / "compaction.json"), results, link)
     lines += _row_share_section(_load(results / "row_share.json"), results, link)
