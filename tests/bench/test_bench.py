@@ -169,3 +169,14 @@ def test_llm_bench_measures_projects_and_resumes(tmp_path):
     text = page.read_text()
     assert "## LLaMA-2-7B shapes on one device" in text and "| fixed-100k | paper | off |" in text
     assert "7B shapes, peak, fixed / LoRA <= 1.05" in text
+
+
+@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
+def test_fold_cost_is_measured_per_dtype(mode):
+    from sparsegrad.bench import layer as layer_bench
+
+    spec = {"mode": mode, "d_in": 48, "d_out": 80, "tokens": 32, "density": 0.05, "iters": 2, "device": "cpu"}
+    f32 = layer_bench.measure_fold({**spec, "dtype": "float32"})
+    bf16 = layer_bench.measure_fold({**spec, "dtype": "bfloat16"})
+    assert f32["fold_s"] > 0 and bf16["fold_s"] > 0 and f32["w0_kept_share"] is None
+    assert 0 <= bf16["w0_kept_share"] < 0.05

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from sparsegrad.basis import GramAccumulator, hosvd_unfold
+from sparsegrad.util import write_json_atomic
 
 from ..recipes.machine import machine
 from ..recipes.memory import peak_rss, reset_peak_rss
@@ -115,6 +116,10 @@ def run(args: argparse.Namespace) -> dict:
               ["streaming", "streaming-eigh32"] + ([] if args.no_unfold else ["unfold"]))] if args.slices else []
     if args.llama_slices:
         cases.append(("llama-2-7b", LLAMA2_7B, args.llama_slices, ["streaming-eigh32"]))
+    measured = {name for name, *_ in cases}
+    previous = out / "bases.json"  # rows of shapes not measured now are kept (BERT-base and LLaMA in two sittings)
+    kept = [r for r in json.loads(previous.read_text())["rows"] if r["shapes"] not in measured] \
+        if previous.is_file() else []
     for name, shapes, n, paths in cases:
         found = {}
         for path in paths:
@@ -139,8 +144,8 @@ def run(args: argparse.Namespace) -> dict:
         ref = by.get((r["shapes"], "unfold"))
         if ref:
             r["time_vs_unfold"], r["peak_vs_unfold"] = r["seconds"] / ref["seconds"], r["peak_bytes"] / ref["peak_bytes"]
-    result = {"meta": machine("cpu"), "rows": rows}
-    (out / "bases.json").write_text(json.dumps(result, indent=1))
+    result = {"meta": machine("cpu"), "rows": kept + rows}
+    write_json_atomic(out / "bases.json", result)
     (out / "bases.md").write_text(markdown(result) + "\n")
     return result
 

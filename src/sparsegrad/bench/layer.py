@@ -1,6 +1,7 @@
 """Layer benchmark: forward + backward + optimizer step of one MLP linear, per method.
 
     sparsegrad bench layer [--tokens 2048] [--density 0.01] [--output-dir bench-results/layer]
+    sparsegrad bench layer --fold        # the fold's cost: float32 in place against bfloat16 rebuilt
 
 Methods at equal trainable entries k = density * d_in * d_out: nn.Linear full
 fine-tuning (torch AdamW), LoRA (peft, rank k / (d_in + d_out)), MeProp, and
@@ -16,6 +17,11 @@ in the same run.
 The fixed mode's support comes from a synthetic energy whose rows and columns
 decay like a spectrum (as real energies do, docs/method.md); the table reports how
 many distinct rows / columns it touches, which sets the extra rotation cost.
+
+`--fold` times the fold alone (`sync` after an optimizer step), per SparseGrad mode, with a float32
+weight (the step's change added in place) and a bfloat16 one (rebuilt: W_0 given back by the weight,
+the new sum rounded once; docs/method.md), beside the float32 training step (forward, backward,
+optimizer step) it follows, and the share of W_0 entries kept apart after the steps.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from torch import nn
 
 import sparsegrad
 from sparsegrad.layer import layer_class
+from sparsegrad.util import write_json_atomic
 
 from ..recipes.machine import machine
 from ..recipes.memory import current_rss, peak_memory, reset_peak_memory
@@ -48,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=2, help="interleaved rounds; the fastest is kept")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--fold", action="store_true", help="time the fold in float32 and bfloat16 instead")
     p.add_argument("--output-dir", default="bench-results/layer")
 
 def _orthogonal(n: int, device) -> torch.Tensor:
@@ -184,7 +192,72 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def measure_fold(spec: dict) -> dict:
+    """In a fresh process: one (shape, mode, dtype); median seconds of the fold and of the step before it."""
+    torch.manual_seed(0)
+    mode, d_in, d_out, dtype = spec["mode"], spec["d_in"], spec["d_out"], getattr(torch, spec["dtype"])
+    dev = torch.device(spec["device"])
+    k = max(1, round(spec["density"] * d_in * d_out))
+    linear = nn.Linear(d_in, d_out, device=dev, dtype=dtype).requires_grad_(False)
+    kwargs = {"U": _orthogonal(d_in, dev), "V": _orthogonal(d_out, dev)}
+    if mode == "fixed":
+        kwargs["energy"] = _spectral_energy(d_in, d_out, dev)
+    layer = layer_class(mode).from_linear(linear, k=k, **kwargs)
+    opt = sparsegrad.optimizer(layer, lr=1e-3)
+    x = torch.randn(spec["tokens"], d_in, device=dev).to(dtype)
+    dy = torch.randn(spec["tokens"], d_out, device=dev).to(dtype)
+    steps, folds = [], []
+    for i in range(spec["iters"] + 1):
+        start = time.perf_counter()
+        layer(x).backward(dy)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        middle = time.perf_counter()
+        layer.sync()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        if i:  # the first step warms up
+            steps.append(middle - start)
+            folds.append(time.perf_counter() - middle)
+    kept = layer.w0_index.numel() / layer.weight.numel() if layer.w0_index is not None else None
+    return {"mode": mode, "dtype": spec["dtype"], "d_in": d_in, "d_out": d_out, "k": k,
+            "fold_s": statistics.median(folds), "step_s": statistics.median(steps), "w0_kept_share": kept}
+
+
+def run_fold(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for d_in, d_out in SHAPES:
+        for mode in ("fixed", "dynamic"):
+            for dtype in ("float32", "bfloat16"):
+                spec = {"mode": mode, "dtype": dtype, "d_in": d_in, "d_out": d_out, "tokens": args.tokens,
+                        "density": args.density, "iters": args.iters, "device": args.device}
+                rows.append(run_in_process("sparsegrad.bench.layer:measure_fold", spec))
+    for r in rows:
+        ref = next(q for q in rows if (q["mode"], q["d_in"], q["dtype"]) == (r["mode"], r["d_in"], "float32"))
+        r["fold_vs_float32_fold"] = r["fold_s"] / ref["fold_s"]
+        r["fold_vs_float32_step"] = r["fold_s"] / ref["step_s"]
+    return rows
+
+
+def fold_table(rows: list[dict]) -> str:
+    lines = ["| shape | mode | weight | fold ms | x float32 fold | x float32 step | W_0 kept apart |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        kept = f"{100 * r['w0_kept_share']:.2f}%" if r["w0_kept_share"] is not None else ""
+        lines.append(f"| {r['d_in']}->{r['d_out']} | {r['mode']} | {r['dtype']} | {r['fold_s'] * 1e3:.1f} "
+                     f"| {r['fold_vs_float32_fold']:.2f} | {r['fold_vs_float32_step']:.2f} | {kept} |")
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.fold:
+        rows = run_fold(args)
+        meta = machine(args.device) | {"tokens": args.tokens, "density": args.density, "iters": args.iters}
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "fold.json", {"meta": meta, "rows": rows})
+        print(fold_table(rows))
+        return 0
     rows = run(args)
     meta = machine(args.device) | {"tokens": args.tokens, "density": args.density, "iters": args.iters,
                                     "repeats": args.repeats}

@@ -257,15 +257,16 @@ def targets_met(result: dict) -> list[tuple[str, float, bool]]:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| method | targets | checkpointing | peak GB at 32 blocks | x LoRA | state GB at 32 blocks | x LoRA "
-             "| fits 24 GB | fits 80 GB |", "|---|---|---|---:|---:|---:|---:|---|---|"]
-    for p in result["projections"]:
-        def ratio(f):
-            return f"{p[f]:.2f}" if p.get(f) is not None else ""
+    lines = [("| method | targets | checkpointing | peak GB at 32 blocks | x LoRA | state GB at 32 blocks | x LoRA "
+              "| fits 24 GB | fits 80 GB |"), "|---|---|---|---:|---:|---:|---:|---|---|"]
 
+    def ratio(p, f):
+        return f"{p[f]:.2f}" if p.get(f) is not None else ""
+
+    for p in result["projections"]:
         lines.append(f"| {p['method']} | {p['targets']} | {'on' if p['checkpointing'] else 'off'} "
-                     f"| {p['peak_bytes_32'] / GB:.1f} | {ratio('peak_bytes_32_vs_lora')} "
-                     f"| {p['state_bytes_32'] / GB:.2f} | {ratio('state_bytes_32_vs_lora')} "
+                     f"| {p['peak_bytes_32'] / GB:.1f} | {ratio(p, 'peak_bytes_32_vs_lora')} "
+                     f"| {p['state_bytes_32'] / GB:.2f} | {ratio(p, 'state_bytes_32_vs_lora')} "
                      f"| {'yes' if p['fits_24gb'] else 'no'} | {'yes' if p['fits_80gb'] else 'no'} |")
     lines += ["", "Measured (the rows the projections come from):", "",
               "| method | targets | blocks | checkpointing | peak GB | state GB | trainable | s/step | W_0 kept apart |",

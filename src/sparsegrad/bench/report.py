@@ -231,8 +231,9 @@ def _llm_section(results: Path) -> list[str]:
             lines = ["## LLaMA-2-7B shapes on one device", "",
                      llm_bench.__doc__.split("\n\n")[2].replace("\n", " "), "",
                      llm_bench.__doc__.split("\n\n")[3].replace("\n", " "), ""]
-        lines += [f"### `{path.name}`: {m['device']}, shapes {m['shapes']}, sequence {m['seq']}, batch 1, "
-                  f"blocks measured {m['blocks']}", "", llm_bench.markdown(result), ""]
+        title = (f"### `{path.name}`: {m['device']}, shapes {m['shapes']}, sequence {m['seq']}, batch 1, "
+                 f"blocks measured {m['blocks']}")
+        lines += [title, "", llm_bench.markdown(result), ""]
         met = llm_bench.targets_met(result)
         if met:
             lines += ["| target (projected to 32 blocks) | measured | met |", "|---|---:|---|"]
