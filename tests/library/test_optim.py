@@ -137,13 +137,23 @@ def test_hf_trainer_with_our_optimizer(minilm, minilm_bases, bbc_batches, tmp_pa
     opt = sparsegrad.optimizer(minilm, lr=5e-3)
     sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=1, num_training_steps=4)
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, max_grad_norm=1.0,
-                             report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, disable_tqdm=True)
+                             report_to=[], save_strategy="steps", save_steps=4, logging_steps=1, use_cpu=True,
+                             disable_tqdm=True)
     trainer = Trainer(model=minilm, args=args, train_dataset=Rows(bbc_batches[:2]), optimizers=(opt, sched))
     trainer.train()
     assert trainer.state.global_step == 4
     for name, layer in sparsegrad.sparse_layers(minilm).items():
         assert not torch.equal(layer.values, before[name]), name
     assert opt.param_groups[0]["lr"] == pytest.approx(0.0)  # the scheduler drove our optimizer
+    # the checkpoint written right after the last optimizer step (no forward between) is current:
+    # a plain model loaded from it gives the trained model's logits
+    from transformers import AutoModelForSequenceClassification
+
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "checkpoint-4").eval()
+    minilm.eval()
+    batch = {k: v for k, v in bbc_batches[3].items() if k != "labels"}
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**batch).logits, minilm(**batch).logits, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["fixed", "dynamic", "meprop"])
