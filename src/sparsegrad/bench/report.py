@@ -3,8 +3,9 @@
     sparsegrad bench report --results docs/results --output docs/results.md
     sparsegrad bench report --results docs/results --glue-runs bench-results/glue --compaction
 
-Reads from --results: speed-*.json (bench speed), llm-*.json (bench llm), bases.json (bench bases), glue.json
-(bench glue), chat.json (bench chat), compaction.json and row_share.json (written here). --glue-runs extracts the
+Reads from --results: speed-*.json (bench speed), fold.json (bench layer --fold), llm-*.json
+(bench llm), bases.json (bench bases), glue.json (bench glue), chat.json (bench chat),
+compaction.json and row_share.json (written here). --glue-runs extracts the
 per-step share of non-zero output-gradient rows of the SparseGrad runs (Fig. 3) into
 row_share.json; --compaction computes Fig. 2's data (one real MiniLM layer's gradient in the
 original and the HOSVD space, BBC News batches) into compaction.json. PNGs go beside the JSON.
@@ -241,6 +242,18 @@ def _llm_section(results: Path) -> list[str]:
     return lines
 
 
+def _fold_section(fold: dict | None) -> list[str]:
+    if not fold:
+        return []
+    from . import layer as layer_bench
+
+    m = fold["meta"]
+    return ["## The fold: float32 in place, bfloat16 rebuilt", "",
+            layer_bench.__doc__.split("\n\n")[4].replace("\n", " ")
+            + f" One MLP linear of BERT-base, {m['tokens']} tokens, density {m['density']:g}, median of {m['iters']} steps.",
+            "", layer_bench.fold_table(fold["rows"]), ""]
+
+
 def build(results: Path, output: Path) -> str:
     """docs/results.md from the JSON in `results`: one section per benchmark that left its file."""
     def link(name: str) -> str:
@@ -253,6 +266,7 @@ def build(results: Path, output: Path) -> str:
     lines += _machine_section(speeds)
     lines += _targets_section(speeds, _load(results / "bases.json"))
     lines += _speed_section(speeds, results, link)
+    lines += _fold_section(_load(results / "fold.json"))
     lines += _llm_section(results)
     lines += _bases_section(_load(results / "bases.json"))
     lines += _compaction_section(_load(results / "compaction.json"), results, link)
