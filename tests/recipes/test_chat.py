@@ -145,22 +145,15 @@ def test_every_method_tunes_the_tiny_decoder(tiny_llama_dir, chat_file, tmp_path
 
 
 @pytest.mark.parametrize("mode", ["fixed", "dynamic"])
-def test_bf16_autocast_training(tiny_llama_dir, chat_file, tmp_path, mode):
-    """bfloat16 autocast: the frozen weights stay float32, the sparse backward and the fold run outside it."""
+@pytest.mark.parametrize("flag,value,key", [("--mixed-precision", "bf16", "mixed_precision"),
+                                            ("--dtype", "bfloat16", "dtype")], ids=["autocast", "bf16-weights"])
+def test_bfloat16_training(tiny_llama_dir, chat_file, tmp_path, mode, flag, value, key):
+    """bfloat16 autocast over float32 weights (the sparse backward and the fold run outside it), or the
+    weights themselves in bfloat16 (no float32 copy, the exact fold): either way the run learns."""
     out = tmp_path / mode
-    assert main(_chat_args(tiny_llama_dir, chat_file, out, "--mode", mode, "--mixed-precision", "bf16")) == 0
+    assert main(_chat_args(tiny_llama_dir, chat_file, out, "--mode", mode, flag, value)) == 0
     r = json.loads((out / "seed-0" / "results.json").read_text())
-    assert r["config"]["mixed_precision"] == "bf16"
-    assert r["score"] < r["baseline"]["loss"] - 0.1, r["history"]
-
-
-@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
-def test_bfloat16_weights_train(tiny_llama_dir, chat_file, tmp_path, mode):
-    """--dtype bfloat16: the weights themselves in bfloat16 (no float32 copy), and the run learns."""
-    out = tmp_path / mode
-    assert main(_chat_args(tiny_llama_dir, chat_file, out, "--mode", mode, "--dtype", "bfloat16")) == 0
-    r = json.loads((out / "seed-0" / "results.json").read_text())
-    assert r["config"]["dtype"] == "bfloat16"
+    assert r["config"][key] == value
     assert r["score"] < r["baseline"]["loss"] - 0.1, r["history"]
 
 
