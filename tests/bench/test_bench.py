@@ -40,6 +40,8 @@ def test_speed_counts_training_state_exactly(tmp_path, capsys):
     assert fixed["state_bytes"] < 0.1 * ft["state_bytes"]
     # dynamic: S, a sparse gradient and moments only where it trained (the paper: 0.76x full FT)
     assert dyn["state_bytes"] < 0.75 * ft["state_bytes"]
+    # its gradient is sparse: k entries per layer (int64 row and column, a float32 value), the head dense
+    assert dyn["grad_bytes"] == 4 * head + 4 * 164 * (16 + 4)
     assert fixed["real_tokens"] < 2 * 16  # padded
     assert 0 < fixed["support_rotated_share"] <= 1
 

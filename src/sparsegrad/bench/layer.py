@@ -40,7 +40,7 @@ from sparsegrad.layer import layer_class
 from sparsegrad.util import write_json_atomic
 
 from ..recipes.machine import machine
-from ..recipes.memory import current_rss, peak_memory, reset_peak_memory
+from ..recipes.memory import current_rss, peak_memory, reset_peak_memory, tensor_bytes
 from ..recipes.methods import inject_lora, split_label
 from ..recipes.process import run_in_process
 
@@ -94,20 +94,16 @@ def _build(method: str, d_in: int, d_out: int, k: int, device):
     return layer, sparsegrad.optimizer(layer, lr=1e-4), sparsegrad.trainable_parameters(layer), info
 
 
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
-
-
 def _state_bytes(module: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, int]:
     """(gradients + optimizer state + buffers the method adds, the bases U and V), counted exactly.
 
     The bases are given apart: in a model one pair serves every block of a role.
     """
     bases = [getattr(module, name, None) for name in ("U", "V")]
-    grads = _nbytes(p.grad for p in module.parameters())
-    state = _nbytes(t for s in opt.state.values() for t in s.values())
-    buffers = _nbytes(b for b in module.buffers() if not any(b is x for x in bases))
-    return grads + state + buffers, _nbytes(bases)
+    grads = tensor_bytes(p.grad for p in module.parameters())
+    state = tensor_bytes(t for s in opt.state.values() for t in s.values())
+    buffers = tensor_bytes(b for b in module.buffers() if not any(b is x for x in bases))
+    return grads + state + buffers, tensor_bytes(bases)
 
 
 def measure(spec: dict) -> dict:

@@ -39,7 +39,7 @@ from sparsegrad.layer import FixedSparseGradLinear, SparseGradLinear
 from sparsegrad.util import to_device
 
 from ..recipes.machine import machine
-from ..recipes.memory import peak_memory, reset_peak_memory
+from ..recipes.memory import peak_memory, reset_peak_memory, tensor_bytes
 from ..recipes.methods import prepare, split_label
 from ..recipes.process import run_in_process
 
@@ -123,10 +123,6 @@ def make_bases(model_name: str, path: Path, batch_size: int, seq: int, fill: flo
 
 # ---------------------------------------------------------------- one method, in its own process
 
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
-
-
 def training_state(model, opt) -> dict[str, int]:
     """Bytes held for training, beyond the frozen model: gradients, optimizer state, the tensors
     the method adds; and the bases apart. Call after backward and step, before zero_grad."""
@@ -140,13 +136,13 @@ def training_state(model, opt) -> dict[str, int]:
         if isinstance(m, FixedSparseGradLinear) and m._plan is not None:
             added += [t for t in vars(m._plan).values() if torch.is_tensor(t)]
     added += [p for n, p in model.named_parameters() if "lora_" in n]
-    grads = _nbytes(p.grad for p in model.parameters())
-    opt_state = _nbytes(t for s in opt.state.values() for t in s.values())
+    grads = tensor_bytes(p.grad for p in model.parameters())
+    opt_state = tensor_bytes(t for s in opt.state.values() for t in s.values())
     mlp_params = {id(m.trainable) for m in layers} | {id(p) for n, p in model.named_parameters() if "lora_" in n}
-    opt_mlp = _nbytes(t for p, s in opt.state.items() if id(p) in mlp_params for t in s.values() if t.ndim)
+    opt_mlp = tensor_bytes(t for p, s in opt.state.items() if id(p) in mlp_params for t in s.values() if t.ndim)
     return {"grad_bytes": grads, "optimizer_bytes": opt_state, "optimizer_mlp_bytes": opt_mlp,
-            "added_bytes": _nbytes(added), "state_bytes": grads + opt_state + _nbytes(added),
-            "bases_bytes": _nbytes(bases.values())}
+            "added_bytes": tensor_bytes(added), "state_bytes": grads + opt_state + tensor_bytes(added),
+            "bases_bytes": tensor_bytes(bases.values())}
 
 
 def measure(spec: dict) -> dict:

@@ -47,3 +47,16 @@ def peak_memory(device: torch.device | str) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
     return peak_rss(), "cpu_peak_rss"
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes the tensors hold; a sparse COO tensor counts its indices and values, not its dense size."""
+    total = 0
+    for t in tensors:
+        if not torch.is_tensor(t):
+            continue
+        if t.is_sparse:
+            total += t._indices().numel() * t._indices().element_size() + t._values().numel() * t._values().element_size()
+        else:
+            total += t.numel() * t.element_size()
+    return total
