@@ -249,7 +249,7 @@ def _fold_section(fold: dict | None) -> list[str]:
 
     m = fold["meta"]
     return ["## The fold: float32 in place, bfloat16 rebuilt", "",
-            layer_bench.__doc__.split("\n\n")[4].replace("\n", " ")
+            layer_bench.__doc__.split("\n\n")[4].replace("\n", " ").strip()
             + f" One MLP linear of BERT-base, {m['tokens']} tokens, density {m['density']:g}, median of {m['iters']} steps.",
             "", layer_bench.fold_table(fold["rows"]), ""]
 
