@@ -366,9 +366,13 @@ class DynamicSparseGradLinear(SparseGradLinear):
     def _plan(self, flat: torch.Tensor) -> SupportPlan:
         return SupportPlan.build(flat // self.out_features, flat % self.out_features, self.in_features, self.out_features)
 
+    def _nonzero_plan(self, S: torch.Tensor) -> tuple[SupportPlan, torch.Tensor] | None:
+        """(plan, values) of the non-zero entries of a dense S, or None when it is zero."""
+        flat = S.reshape(-1).nonzero().squeeze(1)
+        return (self._plan(flat), S.reshape(-1)[flat]) if flat.numel() else None
+
     def _trained_plan(self):
-        rows, cols, values = self.trained_entries()
-        return (SupportPlan.build(rows, cols, self.in_features, self.out_features), values) if values.numel() else None
+        return self._nonzero_plan(self.delta.detach())
 
     @torch.no_grad()
     def set_trained(self, values: torch.Tensor) -> None:
@@ -398,8 +402,7 @@ class DynamicSparseGradLinear(SparseGradLinear):
     def _folded_plan(self, change):
         folded = self.delta.detach().clone().reshape(-1)  # S before the change: a transient copy
         folded[change.flat] = change.before
-        flat = folded.nonzero().squeeze(1)
-        return (self._plan(flat), folded[flat]) if flat.numel() else None
+        return self._nonzero_plan(folded)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

@@ -244,7 +244,7 @@ def _result(args: argparse.Namespace, rows: list[dict]) -> dict:
 
 
 def targets_met(result: dict) -> list[tuple[str, float, bool]]:
-    """The issue's targets on the projections at 32 blocks, paper targets, checkpointing as measured."""
+    """The memory targets on the projections at 32 blocks (paper targets), per checkpointing setting."""
     out = []
     for p in result["projections"]:
         if p["method"] == "fixed-100k" and p["targets"] == "paper" and p.get("peak_bytes_32_vs_lora"):
