@@ -190,7 +190,9 @@ class SparseLinear(nn.Module):
         return layer
 
     def to_linear(self) -> nn.Module:
-        """A plain nn.Linear (or Conv1D, if that is what was wrapped) with the trained effective weight."""
+        """A plain nn.Linear (or Conv1D, if that is what was wrapped) with the trained effective weight.
+        Its weight and bias keep this layer's requires_grad (frozen unless the dense weight itself
+        trained, as in MeProp), as peft's merge_and_unload keeps the base layer's."""
         self.sync()
         w = self.weight.detach()
         if self.original_type == "Conv1D":
@@ -204,6 +206,9 @@ class SparseLinear(nn.Module):
             out.weight.copy_(w)
             if self.bias is not None:
                 out.bias.copy_(self.bias.detach())
+        out.weight.requires_grad_(self.weight.requires_grad)
+        if self.bias is not None:
+            out.bias.requires_grad_(self.bias.requires_grad)
         return out
 
     # ------------------------------------------------------------------ what subclasses provide

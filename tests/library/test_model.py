@@ -70,6 +70,25 @@ def test_counts_and_freezing(minilm, minilm_bases):
     assert not layer.weight.requires_grad and layer.values.requires_grad and not layer.bias.requires_grad
 
 
+@pytest.mark.parametrize("mode", ["fixed", "dynamic", "meprop"])
+def test_merge_keeps_what_was_frozen(minilm, minilm_bases, bbc_batches, mode):
+    """Everything but the head frozen, trained, merged: the merged MLP weights and biases stay frozen
+    (MeProp's dense weights trained, so they stay trainable), as peft's merge_and_unload keeps them."""
+    for p in minilm.parameters():
+        p.requires_grad_(False)
+    minilm.classifier.requires_grad_(True)
+    sparsegrad.apply(minilm, minilm_bases, density=0.01, mode=mode)
+    train_steps(minilm, bbc_batches[:1])
+    head = sum(p.numel() for p in minilm.classifier.parameters())
+    sparsegrad.merge(minilm)
+    mlp = [minilm.bert.encoder.layer[i].intermediate.dense for i in range(6)] + \
+        [minilm.bert.encoder.layer[i].output.dense for i in range(6)]
+    assert all(type(m) is nn.Linear for m in mlp)
+    assert all(m.weight.requires_grad == (mode == "meprop") and not m.bias.requires_grad for m in mlp)
+    dense_mlp = sum(m.weight.numel() for m in mlp)
+    assert sum(p.numel() for p in minilm.parameters() if p.requires_grad) == head + (dense_mlp if mode == "meprop" else 0)
+
+
 def test_apply_errors_name_the_fix(minilm, minilm_bases):
     with pytest.raises(ValueError, match="density=1.5 is out of range"):
         sparsegrad.apply(minilm, minilm_bases, density=1.5)

@@ -3,6 +3,7 @@ padding, prompts, and instruction tuning of a tiny LLaMA-architecture decoder by
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -98,7 +99,11 @@ def test_folder_layouts_and_data_errors(tmp_path, chat_file):
     bad = tmp_path / "bad.jsonl"
     for text, message in [('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
                           ('{"text": "hi"}', "'messages' list"), ("{not json", "not JSON"),
-                          ('{"messages": [{"role": "robot", "content": "hi"}]}', "role in")]:
+                          ('{"messages": [{"role": "robot", "content": "hi"}]}', "role in"),
+                          ('{"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "a"}]}',
+                           r"bad.jsonl:1: message 0 is a 'assistant' turn where a 'user' turn belongs"),
+                          (('{"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}, '
+                           '{"role": "assistant", "content": "c"}]}'), "message 1 is a 'system' turn")]:
         bad.write_text(text + "\n")
         with pytest.raises(DataError, match=message):
             load_task("chat", bad)
@@ -190,6 +195,29 @@ def test_chat_option_errors(tiny_llama_dir, chat_file, tmp_path, capsys):
         assert main(_chat_args(tiny_llama_dir, chat_file, tmp_path / "x", *extra)) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing written
+
+    # roles out of order: found before the output folder is claimed, so the corrected command runs there
+    rows = [json.loads(line) for line in chat_file.read_text().splitlines()]
+    rows[5]["messages"] = rows[5]["messages"][1:]  # opens with the assistant
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(_chat_args(tiny_llama_dir, bad, tmp_path / "x")) == 2
+    assert "bad.jsonl:6: message 0 is a 'assistant' turn" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert main(_chat_args(tiny_llama_dir, chat_file, tmp_path / "x", "--max-steps", "1")) == 0
+
+    # a conversation the chat template itself refuses: named, and before anything is written
+    picky = tmp_path / "picky-model"
+    shutil.copytree(tiny_llama_dir, picky)
+    jinja = picky / "chat_template.jinja"
+    jinja.write_text("{% if messages|length > 3 %}{{ raise_exception('at most 3 messages') }}{% endif %}"
+                     + jinja.read_text())
+    argv = _chat_args(tiny_llama_dir, chat_file, tmp_path / "y")
+    argv[argv.index("--model") + 1] = str(picky)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "arithmetic.jsonl:" in err and "the chat template refuses this conversation (at most 3 messages)" in err
+    assert not (tmp_path / "y").exists()
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -192,3 +193,74 @@ def test_bad_inputs_are_one_clear_line(glue_dir, tmp_path, capsys):
                    "--output-dir", str(run)], capsys)
     assert "holds a different run (lr 0.0001 -> 0.001)" in line
     assert _digest(run) == before
+
+
+def test_divergence_is_reported_never_scored(tmp_path, capsys):
+    """--lr 1000 on BBC News: the loss explodes at the second step; the run stops there, exits 1 with
+    the reason, and its results hold a status and no score, as strict JSON."""
+    out = tmp_path / "diverged"
+    argv = ["finetune", "--max-train-samples", "64", "--max-eval-samples", "32", "--max-length", "32", "--max-steps",
+            "8", "--eval-steps", "4", "--lr", "1000", "--no-progress", "--output-dir", str(out)]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "diverged (seeds 0)" in captured.out
+    assert "sparsegrad: error: sparsegrad-fixed diverged: seed 0: the training loss reached" in captured.err
+    assert "lower it" in captured.err
+
+    def strict(path: Path) -> dict:
+        return json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(f"{path}: {c} is not JSON"))
+
+    result = strict(out / "seed-0" / "results.json")
+    assert result["status"] == "diverged" and result["score"] is None and result["final"] == {}
+    assert result["train_steps"] < 8 and result["adapter"] is None
+    row = strict(out / "summary.json")["rows"][0]
+    assert row["status"] == "diverged" and row["mean"] is None and row["scores"] == [None]
+    assert main([*argv, "--resume"]) == 1  # the diverged run is a finished result: not run again
+    assert strict(out / "seed-0" / "results.json")["resumed_at"] == []
+
+
+def _fake_runs(calls: list, fail_at: int | None = None):
+    """A stand-in for finetune in the search: a deterministic score of (lr, batch size); the run at
+    index `fail_at` raises (a full disk, Ctrl-C); lr above 0.05 diverges."""
+    from types import SimpleNamespace
+
+    def run(cfg, folder, **kwargs):
+        calls.append((cfg.lr, cfg.batch_size))
+        if len(calls) - 1 == fail_at:
+            raise KeyboardInterrupt
+        if cfg.lr > 0.05:
+            return SimpleNamespace(status="diverged", message="loss nan", score=None, metric="accuracy")
+        return SimpleNamespace(status="finished", message=None, score=-abs(math.log10(cfg.lr) + 3) + cfg.batch_size / 100,
+                               metric="accuracy")
+
+    return run
+
+
+def test_a_resumed_search_draws_what_an_uninterrupted_one_draws(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from sparsegrad.recipes import search
+    from sparsegrad.recipes.config import RunConfig
+
+    data = SimpleNamespace(task=SimpleNamespace(greater_is_better=True))
+    cfg = RunConfig(seed=3)
+    whole_calls: list = []
+    monkeypatch.setattr(search, "finetune", _fake_runs(whole_calls))
+    (tmp_path / "whole").mkdir()
+    whole = search.optimize(cfg, tmp_path / "whole", 12, data, tmp_path / "b", progress=False)
+
+    calls: list = []
+    monkeypatch.setattr(search, "finetune", _fake_runs(calls, fail_at=5))
+    (tmp_path / "cut").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        search.optimize(cfg, tmp_path / "cut", 12, data, tmp_path / "b", progress=False)
+    monkeypatch.setattr(search, "finetune", _fake_runs(calls))
+    resumed = search.optimize(cfg, tmp_path / "cut", 12, data, tmp_path / "b", progress=False)
+
+    assert [t["params"] for t in resumed["trials"]] == [t["params"] for t in whole["trials"]]
+    assert calls[6] == calls[5] and calls[:5] + calls[6:] == whole_calls  # the cut trial ran again, nothing else
+    assert len(set(calls)) == len(whole_calls) == 12  # no repeated draw
+    assert resumed["best_params"] == whole["best_params"]
+    diverged = [t for t in whole["trials"] if t["params"]["lr"] > 0.05]
+    assert all(t["status"] == "diverged" and t["value"] is None for t in diverged)
+    assert all(t["status"] == "finished" and t["value"] is not None for t in whole["trials"] if t not in diverged)

@@ -106,6 +106,22 @@ def test_bad_data_errors(tmp_path):
         load_task("stsb", tmp_path)
 
 
+def test_data_errors_name_file_and_line(tmp_path):
+    dev = "sentence\tlabel\ngood\t1\n"
+    _write(tmp_path / "SST-2" / "dev.tsv", dev)
+    train = tmp_path / "SST-2" / "train.tsv"
+    train.write_bytes(b"sentence\tlabel\ngood\t1\nfine\t1\ncaf\xe9 au lait\t0\n")  # Latin-1, not UTF-8
+    with pytest.raises(DataError, match=r"train.tsv:4: byte 0xe9 at column 4 is not UTF-8: save the file as UTF-8"):
+        load_task("sst2", tmp_path)
+    long_text = "word " * 40_000  # 200,000 characters: the tokenizer truncates it, the reader takes it
+    _write(train, f"sentence\tlabel\n{long_text}\t1\nshort\t0\n")
+    data = load_task("sst2", tmp_path)
+    assert [len(e["text"]) for e in data.train] == [200_000, 5]
+    import csv
+
+    assert csv.field_size_limit() == 131072  # the reader's raised limit does not leak
+
+
 def test_bbc_news_split():
     data = load_task("bbcnews")
     assert len(data.train) + len(data.eval["validation"]) == 2225 - 98  # exact duplicates dropped

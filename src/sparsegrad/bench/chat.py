@@ -28,7 +28,7 @@ from sparsegrad.util import write_json_atomic, write_text_atomic
 from ..recipes.compare import run_compare
 from ..recipes.config import RunConfig, from_args
 from ..recipes.config import add_arguments as add_config_arguments
-from ..recipes.experiment import claim_folder
+from ..recipes.experiment import claimed_folder
 from ..recipes.results import SummaryRow
 
 METHODS = ("ft", "lora", "meprop", "sparsegrad-fixed", "sparsegrad-dynamic")
@@ -65,24 +65,24 @@ def run(args: argparse.Namespace) -> dict:
                          "or a folder")
     cfg = from_args(RunConfig, args, task="chat")
     bf16 = args.bf16_methods if bf16_supported() else []
-    claim_folder(out, {"bench": "chat", "methods": args.methods, "bf16": bf16, "seeds": args.seeds,
-                       "config": cfg.identity()}, args.resume)
-    start = time.time()
+    command = {"bench": "chat", "methods": args.methods, "bf16": bf16, "seeds": args.seeds, "config": cfg.identity()}
+    with claimed_folder(out, command, args.resume):
+        start = time.time()
 
-    def compare(methods: list[str], cfg: RunConfig, folder: Path) -> list[SummaryRow]:
-        # resume=True continues a compare this benchmark began, and starts one it has not
-        return run_compare(methods, cfg, folder, seeds=args.seeds, resume=True).rows
+        def compare(methods: list[str], cfg: RunConfig, folder: Path) -> list[SummaryRow]:
+            # resume=True continues a compare this benchmark began, and starts one it has not
+            return run_compare(methods, cfg, folder, seeds=args.seeds, resume=True).rows
 
-    rows = compare(args.methods, cfg, out / "fp32")
-    if bf16:
-        rows += [replace(r, method=r.method + " bf16")
-                 for r in compare(bf16, replace(cfg, mixed_precision="bf16"), out / "bf16")]
-    result = {"meta": {"config": cfg.identity(), "options": cfg.changed(), "bf16": bf16,
-                       "wall_seconds": time.time() - start},
-              "rows": [r.to_dict() for r in rows]}
-    write_json_atomic(out / "chat.json", result)
-    write_text_atomic(out / "chat.md", markdown(result) + "\n")
-    return result
+        rows = compare(args.methods, cfg, out / "fp32")
+        if bf16:
+            rows += [replace(r, method=r.method + " bf16")
+                     for r in compare(bf16, replace(cfg, mixed_precision="bf16"), out / "bf16")]
+        result = {"meta": {"config": cfg.identity(), "options": cfg.changed(), "bf16": bf16,
+                           "wall_seconds": time.time() - start},
+                  "rows": [r.to_dict() for r in rows]}
+        write_json_atomic(out / "chat.json", result)
+        write_text_atomic(out / "chat.md", markdown(result) + "\n")
+        return result
 
 
 def markdown(result: dict) -> str:
@@ -96,7 +96,8 @@ def markdown(result: dict) -> str:
         size = r.adapter_bytes or 0
         vs_model = f"{size / r.model_bytes:.4f}" if r.model_bytes else ""
         vs_lora = f"{size / lora.adapter_bytes:.2f}" if lora and lora.adapter_bytes else ""
-        lines.append(f"| {name} | {r.trainable:,} | {r.mean:.4f} | {r.splits.get('validation/perplexity', 0):.2f} "
+        loss = r.status if r.mean is None else f"{r.mean:.4f}"
+        lines.append(f"| {name} | {r.trainable:,} | {loss} | {r.splits.get('validation/perplexity', 0):.2f} "
                      f"| {r.baseline:.4f} | {r.steps_per_s:.3f} | {r.peak_memory_mb:,.0f} "
                      f"| {size / 2**20:.2f} | {vs_model} | {vs_lora} |")
     return "\n".join(lines)

@@ -30,7 +30,7 @@ from sparsegrad.util import write_json_atomic, write_text_atomic
 from ..recipes.compare import run_compare
 from ..recipes.config import RunConfig, from_args
 from ..recipes.config import add_arguments as add_config_arguments
-from ..recipes.experiment import claim_folder
+from ..recipes.experiment import claimed_folder
 from ..recipes.results import SummaryRow
 from ..recipes.tasks import GLUE_FOLDERS, TASKS
 
@@ -84,35 +84,35 @@ def run(args: argparse.Namespace) -> dict:
     command = {"bench": "glue", "tasks": tasks, "methods": args.methods, "densities": args.densities,
                "ablation_task": args.ablation_task, "seeds": args.seeds, "optimize": args.optimize,
                "config": base.identity()}
-    claim_folder(out, command, args.resume)
-    start = time.time()
+    with claimed_folder(out, command, args.resume):
+        start = time.time()
 
-    def compare(methods: list[str], cfg: RunConfig, folder: Path, bases: str | None = None) -> list[SummaryRow]:
-        # resume=True continues a compare this benchmark began, and starts one it has not
-        return run_compare(methods, cfg, folder, seeds=args.seeds, optimize_trials=args.optimize, bases=bases,
-                           resume=True).rows
+        def compare(methods: list[str], cfg: RunConfig, folder: Path, bases: str | None = None) -> list[SummaryRow]:
+            # resume=True continues a compare this benchmark began, and starts one it has not
+            return run_compare(methods, cfg, folder, seeds=args.seeds, optimize_trials=args.optimize, bases=bases,
+                               resume=True).rows
 
-    tables = {task: compare(args.methods, replace(base, task=task), out / task) for task in tasks}
+        tables = {task: compare(args.methods, replace(base, task=task), out / task) for task in tasks}
 
-    ablation = []
-    if args.densities:
-        task = args.ablation_task
-        bases = out / task / "sparsegrad-fixed" / "bases.safetensors"
-        for d in args.densities:
-            rows = [r for r in tables.get(task, []) if r.method == "sparsegrad-fixed"]
-            if d != DEFAULT_DENSITY or not rows:
-                rows = compare(["sparsegrad-fixed"], replace(base, task=task, density=d),
-                               out / f"ablation-{task}" / f"density-{d:g}", str(bases) if bases.is_file() else None)
-            ablation += [{**r.to_dict(), "density": d} for r in rows]
+        ablation = []
+        if args.densities:
+            task = args.ablation_task
+            bases = out / task / "sparsegrad-fixed" / "bases.safetensors"
+            for d in args.densities:
+                rows = [r for r in tables.get(task, []) if r.method == "sparsegrad-fixed"]
+                if d != DEFAULT_DENSITY or not rows:
+                    rows = compare(["sparsegrad-fixed"], replace(base, task=task, density=d),
+                                   out / f"ablation-{task}" / f"density-{d:g}", str(bases) if bases.is_file() else None)
+                ablation += [{**r.to_dict(), "density": d} for r in rows]
 
-    result = {"meta": {"tasks": tasks, "methods": args.methods, "seeds": args.seeds, "full": args.full,
-                       "max_train_samples": base.max_train_samples, "epochs": base.epochs,
-                       "options": base.changed(), "wall_seconds": time.time() - start},
-              "tables": {t: [r.to_dict() for r in rows] for t, rows in tables.items()},
-              "average": averages(tables), "ablation": ablation}
-    write_json_atomic(out / "glue.json", result)
-    write_text_atomic(out / "glue.md", markdown(result) + "\n")
-    return result
+        result = {"meta": {"tasks": tasks, "methods": args.methods, "seeds": args.seeds, "full": args.full,
+                           "max_train_samples": base.max_train_samples, "epochs": base.epochs,
+                           "options": base.changed(), "wall_seconds": time.time() - start},
+                  "tables": {t: [r.to_dict() for r in rows] for t, rows in tables.items()},
+                  "average": averages(tables), "ablation": ablation}
+        write_json_atomic(out / "glue.json", result)
+        write_text_atomic(out / "glue.md", markdown(result) + "\n")
+        return result
 
 
 def averages(tables: dict[str, list[SummaryRow]]) -> dict[str, dict]:
@@ -124,8 +124,8 @@ def averages(tables: dict[str, list[SummaryRow]]) -> dict[str, dict]:
             by_method.setdefault(r.method, []).append(r)
     out = {}
     for method, rows in by_method.items():
-        if len(rows) != len(tables):
-            continue  # a method missing on some task has no average
+        if len(rows) != len(tables) or any(r.mean is None for r in rows):
+            continue  # a method missing (or diverged) on some task has no average
         per_seed = np.mean([r.scores for r in rows], axis=0)
         out[method] = {"mean": float(per_seed.mean()), "std": float(per_seed.std()), "tasks": len(rows),
                        "trainable": rows[0].trainable, "trainable_mlp": rows[0].trainable_mlp}
@@ -146,7 +146,8 @@ def markdown(result: dict) -> str:
         for t in tasks:
             row = next((r for r in tables[t] if r.method == m), None)
             first = first or row
-            cells.append(f"{100 * row.mean:.1f} ± {100 * row.std:.1f}" if row else "failed")
+            cells.append("failed" if row is None else row.status if row.mean is None
+                         else f"{100 * row.mean:.1f} ± {100 * row.std:.1f}")
         a = avg.get(m)
         name = m + (f" (r={first.lora_rank})" if first and first.lora_rank else "")
         lines.append(f"| {name} | {first.trainable:,} | {first.trainable_mlp:,} | " + " | ".join(cells)
@@ -157,8 +158,8 @@ def markdown(result: dict) -> str:
         lines += ["", f"Sparsity ablation (SparseGrad fixed, {result['ablation'][0]['task']}):", "",
                   "| density | MLP trainable | score | steps/s |", "|---:|---:|---:|---:|"]
         for r in result["ablation"]:
-            lines.append(f"| {100 * r['density']:g}% | {r['trainable_mlp']:,} | {100 * r['mean']:.1f} ± "
-                         f"{100 * r['std']:.1f} | {r['steps_per_s']:.2f} |")
+            score = r.get("status", "diverged") if r["mean"] is None else f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}"
+            lines.append(f"| {100 * r['density']:g}% | {r['trainable_mlp']:,} | {score} | {r['steps_per_s']:.2f} |")
     return "\n".join(lines)
 
 

@@ -181,7 +181,7 @@ def plot_density(glue: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.errorbar(x, y, yerr=e, marker="o", capsize=3, label="SparseGrad fixed")
     for r in glue["tables"].get(task, []):
-        if r["method"] in ("ft", "lora"):
+        if r["method"] in ("ft", "lora") and r.get("mean") is not None:
             ax.axhline(100 * r["mean"], ls="--", lw=1, label=r["method"], color="k" if r["method"] == "ft" else "C2")
     ax.set_xscale("log")
     ax.set_xticks(x, [f"{v:g}%" for v in x])

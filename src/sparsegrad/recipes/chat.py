@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from jinja2 import TemplateError
 
 from sparsegrad.util import to_device
 
-from .tasks import DataError
+from .tasks import DataError, read_text_lines
 
 IGNORE = -100  # label of tokens that carry no loss (everything but the assistant's turns)
 ROLES = ("system", "user", "assistant")
@@ -38,6 +39,15 @@ def check_conversation(messages, where: str) -> list[dict]:
                               "and a string content")
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn from")
+    roles = [m["role"] for m in messages]
+    turns = roles[1:] if roles[0] == "system" else roles
+    for i, role in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            position = i + len(roles) - len(turns)
+            raise DataError(f"{where}: message {position} is a {role!r} turn where a {expected!r} turn belongs; a "
+                            "conversation is an optional system message, then user and assistant turns in turn "
+                            f"(roles here: {', '.join(roles)})")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -45,14 +55,13 @@ def _json_lines(path: Path, missing: str):
     """(line number, parsed JSON) for each non-empty line of `path`; `missing` is the error when it is absent."""
     if not path.is_file():
         raise DataError(missing)
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{n}: not JSON ({err.msg})") from None
+    for n, line in enumerate(read_text_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}:{n}: not JSON ({err.msg})") from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -65,7 +74,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
             raise DataError(f"{path}:{n}: expected an object with a 'messages' list "
                               "(OpenAssistant / chat-template style)")
         group = row.get("tree_id") or row.get("conversation_id") or f"line-{n}"
-        out.append({"messages": check_conversation(row["messages"], f"{path}:{n}"), "group": str(group)})
+        out.append({"messages": check_conversation(row["messages"], f"{path}:{n}"), "group": str(group),
+                    "where": f"{path}:{n}"})
     if not out:
         raise DataError(f"{path} holds no conversations")
     return out
@@ -98,8 +108,8 @@ def _read_saved(folder: Path) -> tuple[list[dict], list[dict]]:
     def convert(split: str) -> list[dict]:
         if "messages" not in dd[split].column_names:
             raise DataError(f"{folder}[{split}] has columns {dd[split].column_names}; a 'messages' column is needed")
-        return [{"messages": check_conversation(row["messages"], f"{folder}[{split}] row {i}"), "group": f"{split}-{i}"}
-                for i, row in enumerate(dd[split])]
+        return [{"messages": check_conversation(row["messages"], f"{folder}[{split}] row {i}"), "group": f"{split}-{i}",
+                 "where": f"{folder}[{split}] row {i}"} for i, row in enumerate(dd[split])]
 
     return convert("train"), convert(eval_name)
 
@@ -169,8 +179,17 @@ def encode_conversation(tokenizer, messages: list[dict], max_length: int) -> dic
 
 
 def encode(tokenizer, conversations: list[dict], max_length: int) -> list[dict]:
-    """Encode every conversation; those whose assistant turns lie beyond `max_length` are dropped (with a note)."""
-    out = [e for e in (encode_conversation(tokenizer, c["messages"], max_length) for c in conversations) if e]
+    """Encode every conversation; those whose assistant turns lie beyond `max_length` are dropped (with a note).
+    A conversation the chat template refuses is a DataError naming it."""
+    out = []
+    for i, c in enumerate(conversations):
+        try:
+            encoded = encode_conversation(tokenizer, c["messages"], max_length)
+        except TemplateError as err:
+            raise DataError(f"{c.get('where', f'conversation {i}')}: the chat template refuses this conversation "
+                            f"({err})") from None
+        if encoded:
+            out.append(encoded)
     if not out:
         raise DataError(f"no conversation keeps an assistant token within --max-length {max_length}: raise it")
     if len(out) < len(conversations):

@@ -1,26 +1,44 @@
-"""Atomic checkpoints: a run can be killed at any moment (kill -9 included) and resumed.
+"""Atomic, verified checkpoints: a run can be killed at any moment (kill -9 included) and resumed.
 
 A checkpoint is a folder `checkpoint-<step>/` holding
     model.safetensors   the model's full state_dict (merged sparse weights and their buffers included)
     state.pt            optimizer, scheduler, RNG states and the loop's own state
+    manifest.json       each file's size and SHA-256, written last
 It is written under a temporary name and renamed into place; then the `latest` file is
-replaced atomically to point at it; only then are older checkpoints removed. A reader
-therefore always finds a complete checkpoint, or none.
+replaced atomically to point at it; only then are older checkpoints removed, keeping the newest
+`keep` (two by default). A reader therefore always finds a complete checkpoint, or none; one
+damaged afterwards (a truncated or altered file) is detected by its manifest, named, and passed
+over for the previous good one.
 """
 from __future__ import annotations
 
+import json
+import pickle
 import random
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from sparsegrad.util import atomic_path, write_text_atomic
+from sparsegrad.util import (
+    atomic_path,
+    file_sha256,
+    remove_stale_temporaries,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or saved weights file that cannot be read; the message names the file."""
 
 
 def rng_state() -> dict:
@@ -43,39 +61,92 @@ def save_weights(model: nn.Module, folder: Path) -> None:
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:
-    missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
+    """Load folder/model.safetensors into `model`; a damaged or foreign file is a CheckpointError naming it."""
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing")
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False)
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:  # they name no file
+        raise CheckpointError(f"{path} is damaged ({type(err).__name__}: {err})") from None
     if missing or unexpected:
-        raise ValueError(f"{folder} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
-                         "it was written by a different run")
+        raise CheckpointError(f"{path} does not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}): "
+                              "it was written by a different run")
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict, keep: int = 1) -> Path:
-    """Write checkpoint-<step> under `root` atomically and point `latest` at it."""
+def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict, keep: int = 2) -> Path:
+    """Write checkpoint-<step> under `root` atomically, point `latest` at it, keep the newest `keep`."""
+    if keep < 1:
+        raise ValueError(f"keep={keep}: at least one checkpoint must be kept")
     final = root / f"checkpoint-{step}"
     with atomic_path(final) as tmp:  # the same step written again (e.g. after a resume) is replaced
         tmp.mkdir()
         save_model(model, str(tmp / "model.safetensors"))
-        torch.save(state, tmp / "state.pt")
+        with open(tmp / "state.pt", "wb") as f:  # through a file object: a full disk surfaces as ENOSPC
+            torch.save(state, f)
+        write_json_atomic(tmp / MANIFEST, {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                                           for p in sorted(tmp.iterdir()) if not p.name.startswith(".")})
     write_text_atomic(root / LATEST, final.name)
-    done = sorted((p for p in root.glob("checkpoint-*") if p.is_dir()), key=lambda p: int(p.name.split("-")[1]))
-    for old in done[:-keep]:
+    for old in checkpoints(root)[:-keep]:
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".checkpoint-*.tmp*"):  # left by a killed writer
-        shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temporaries(root, ".checkpoint-*.tmp*")  # left by a killed writer
     return final
 
 
+def checkpoints(root: Path) -> list[Path]:
+    """The checkpoint folders under `root`, oldest first."""
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise CheckpointError naming the first file of `path` that is missing or differs from the manifest."""
+    manifest_file = path / MANIFEST
+    if not manifest_file.exists() and (path / "state.pt").is_file():
+        return  # written before checkpoints had manifests: complete (it was renamed into place), unverified
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{manifest_file} is missing or damaged ({err})") from None
+    for name, expected in manifest.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        size = file.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{file} is damaged: {size:,} bytes where {expected['bytes']:,} were written")
+        if file_sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file} is damaged: its content differs from what was written")
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    """The checkpoint `latest` points at, or None."""
+    """The newest checkpoint under `root` that verifies, or None if there is none at all. Damaged ones
+    are reported and passed over; if every checkpoint is damaged, a CheckpointError says what to do."""
+    found = checkpoints(root)
     pointer = root / LATEST
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "state.pt").is_file() else None
+    newest = pointer.read_text().strip().rpartition("-")[2] if pointer.is_file() else ""
+    if newest.isdigit():  # `latest` names the newest complete one: any newer folder is left from a crash
+        found = [p for p in found if int(p.name.split("-")[1]) <= int(newest)]
+    problems = []
+    for path in reversed(found):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            print(f"warning: {err}; trying the checkpoint before it", file=sys.stderr)
+            continue
+        return path
+    if problems:
+        raise CheckpointError(f"no checkpoint in {root} can be read ({'; '.join(problems)}): delete {root} to "
+                              "start this run over, or restore the file from a copy")
+    return None
 
 
 def load_checkpoint(path: Path, model: nn.Module) -> dict:
     """Load a checkpoint's weights into `model`; return its state dict (optimizer etc.)."""
     load_weights(model, path)
-    return torch.load(path / "state.pt", weights_only=False)
+    try:
+        return torch.load(path / "state.pt", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, OSError, RuntimeError, ValueError) as err:
+        raise CheckpointError(f"{path / 'state.pt'} is damaged ({type(err).__name__}: {err})") from None

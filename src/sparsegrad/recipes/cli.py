@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from sparsegrad.util import DiskFullError
+
 from .config import CommandOptions, RunConfig, add_arguments, from_args
 from .methods import METHOD_LABELS
 
@@ -70,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             out = _output_dir(options, f"sparsegrad-runs/compare-{cfg.task}-{stamp}")
             summary = run_compare(args.methods, cfg, out, seeds=options.seeds, optimize_trials=options.optimize,
                                   bases=options.bases, resume=options.resume, progress=not options.no_progress)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, ImportError, DiskFullError) as err:
         print(f"sparsegrad: error: {err}", file=sys.stderr)
         return 2
     from .results import markdown_table
@@ -79,10 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(markdown_table(summary.rows))
     print(f"\nresults: {out}/summary.json, {out}/summary.md", file=sys.stderr)
+    for row in summary.rows:
+        if row.status != "finished":
+            print(f"sparsegrad: error: {row.method} {row.status}: {row.message}", file=sys.stderr)
     if summary.failed:
         print(f"sparsegrad: error: these methods failed: {', '.join(summary.failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if summary.failed or any(row.status != "finished" for row in summary.rows) else 0
 
 
 if __name__ == "__main__":

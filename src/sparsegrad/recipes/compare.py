@@ -9,7 +9,7 @@ from pathlib import Path
 from sparsegrad.util import write_text_atomic
 
 from .config import RunConfig
-from .experiment import claim_folder, run_finetune
+from .experiment import claimed_folder, run_finetune
 from .methods import split_label
 from .process import WorkerError, run_in_process
 from .results import Summary, markdown_table
@@ -24,7 +24,12 @@ def run_compare(methods: list[str], cfg: RunConfig, out: str | Path, *, seeds: l
         split_label(label)  # unknown labels fail before anything runs
     command = {"compare": methods, "config": {k: v for k, v in cfg.identity().items() if k not in ("method", "mode")},
                "seeds": seeds, "optimize": optimize_trials, "bases": bases}
-    claim_folder(out, command, resume)
+    with claimed_folder(out, command, resume):
+        return _run_methods(methods, cfg, out, seeds, optimize_trials, bases, resume, progress)
+
+
+def _run_methods(methods: list[str], cfg: RunConfig, out: Path, seeds: list[int], optimize_trials: int,
+                 bases: str | None, resume: bool, progress: bool) -> Summary:
     rows, failed = [], []
     shared_bases = bases
     for label in methods:

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 
+from .config import RunConfig
 from .kinds import kind_of
 from .tasks import Example, TaskData, get_task
 
@@ -34,3 +35,13 @@ def load_task(
     evals = {k: _subsample(v, max_eval_samples, sample_seed) for k, v in evals.items()}
     kind_of(task).check_train(task, train)
     return TaskData(task, train, evals, source)
+
+
+def encode_task(data: TaskData, tokenizer, cfg: RunConfig) -> tuple[list[dict], dict[str, list[dict]]]:
+    """(encoded train, {split: encoded}) for the run's model and --max-length, encoded once per TaskData."""
+    key = (cfg.model, cfg.max_length)
+    if key not in data.encoded:
+        encode = kind_of(data.task).encode
+        data.encoded[key] = (encode(tokenizer, data.train, cfg.max_length),
+                             {name: encode(tokenizer, split, cfg.max_length) for name, split in data.eval.items()})
+    return data.encoded[key]

@@ -10,9 +10,11 @@ Output folder of `finetune`:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,9 +22,10 @@ from sparsegrad.targets import find_targets
 from sparsegrad.util import write_json_atomic, write_text_atomic
 
 from .config import RunConfig
-from .data import load_task
+from .data import encode_task, load_task
 from .finetune import finetune
 from .kinds import kind_of
+from .lock import LOCK_FILE, FolderLock
 from .methods import head_parameters, sparse_budget
 from .models import load_model
 from .results import Summary, SummaryRow, markdown_table
@@ -58,7 +61,8 @@ def validate(cfg: RunConfig, bases: str | None = None) -> TaskData:
         from .chat import read_prompts
 
         read_prompts(cfg.prompts)
-    _, model = load_model(cfg.model, data.task, cfg.dtype)
+    tokenizer, model = load_model(cfg.model, data.task, cfg.dtype)
+    encode_task(data, tokenizer, cfg)  # data errors the tokenizer finds (a chat template's) come out here
     if cfg.gradient_checkpointing and not getattr(model, "supports_gradient_checkpointing", False):
         raise ValueError(f"--gradient-checkpointing: {type(model).__name__} does not support it; leave the flag out")
     layers = find_targets(model, cfg.targets, blocks=cfg.blocks)
@@ -71,8 +75,20 @@ def validate(cfg: RunConfig, bases: str | None = None) -> TaskData:
     return data
 
 
-def claim_folder(out: Path, command: dict, resume: bool) -> None:
-    """Make sure `out` is empty, or holds this very command (with --resume); write command.json."""
+@contextlib.contextmanager
+def claimed_folder(out: Path, command: dict, resume: bool) -> Iterator[None]:
+    """Hold `out` for the command's duration (an exclusive lock: lock.py); it must be empty, or hold
+    this very command (with --resume). Writes command.json."""
+    out = Path(out)
+    if out.is_dir() and not (out / "command.json").is_file() and not all(map(_ours, out.iterdir())):
+        raise RunFolderError(f"--output-dir {out} is not empty and holds no sparsegrad run: choose another "
+                             "--output-dir")  # checked before the lock: a folder of the user's is never touched
+    with FolderLock(out):
+        _check_folder(out, command, resume)
+        yield
+
+
+def _check_folder(out: Path, command: dict, resume: bool) -> None:
     saved_file = out / "command.json"
     if saved_file.is_file():
         saved = json.loads(saved_file.read_text())
@@ -85,11 +101,15 @@ def claim_folder(out: Path, command: dict, resume: bool) -> None:
             raise RunFolderError(f"--output-dir {out} holds a different run ({'; '.join(diff)}): resume it with "
                                  "its own options, or choose another --output-dir")
         return
-    if out.exists() and any(out.iterdir()):
+    if not all(map(_ours, out.iterdir())):
         raise RunFolderError(f"--output-dir {out} is not empty and holds no sparsegrad run: choose another "
                              "--output-dir")
-    out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(saved_file, command)
+
+
+def _ours(path: Path) -> bool:
+    """The lock, or a command.json whose writer was killed before it was renamed into place."""
+    return path.name == LOCK_FILE or path.name.startswith(".command.json.tmp")
 
 
 def _flat(command: dict) -> dict:
@@ -110,8 +130,12 @@ def run_finetune(cfg: RunConfig, out: str | Path, *, seeds: list[int], optimize_
     data = validate(cfg, bases)
     command = {"config": {k: v for k, v in cfg.identity().items() if k != "seed"}, "seeds": seeds,
                "optimize": optimize_trials, "bases": bases}
-    if rank == 0:
-        claim_folder(out, command, resume)
+    with claimed_folder(out, command, resume) if rank == 0 else contextlib.nullcontext():
+        return _run_seeds(cfg, out, seeds, optimize_trials, bases, resume, progress, data, rank)
+
+
+def _run_seeds(cfg: RunConfig, out: Path, seeds: list[int], optimize_trials: int, bases: str | None, resume: bool,
+               progress: bool, data: TaskData, rank: int) -> Summary:
     bases_file = Path(bases) if bases else out / "bases.safetensors"
 
     search = None

@@ -39,7 +39,7 @@ from sparsegrad.adapter import plain_model_bytes, save_adapter
 from sparsegrad.model import defer_topk, sparsify_gradients, take_row_share
 from sparsegrad.optim import clip_grad_norm_
 from sparsegrad.targets import find_targets
-from sparsegrad.util import to_device
+from sparsegrad.util import to_device, write_text_atomic
 
 from .batching import Batcher
 from .checkpoint import (
@@ -52,7 +52,7 @@ from .checkpoint import (
     set_rng_state,
 )
 from .config import RunConfig
-from .data import load_task
+from .data import encode_task, load_task
 from .kinds import kind_of
 from .machine import versions
 from .memory import peak_memory, reset_peak_memory
@@ -81,6 +81,15 @@ class LoopState:
     finished: bool = False
     stopped_early: bool = False
     resumed_at: list = field(default_factory=list)
+    first_loss: float | None = None     # the first step's loss: what divergence is measured against
+    diverged: str | None = None         # why the run stopped as diverged
+    warnings: list = field(default_factory=list)
+
+
+# The run has diverged when its loss is not finite, or has grown this many times over its first step's
+# loss; a warning at an evaluation when the loss since the last one has grown WARN_GROWTH times.
+DIVERGED_GROWTH = 100.0
+WARN_GROWTH = 3.0
 
 
 def set_seed(seed: int) -> None:
@@ -143,9 +152,7 @@ class FineTuneRecipe:
         self.progress = self.progress and self.is_main
         self.model.to(self.device)
 
-        encode = self.kind.encode
-        self.train_data = encode(self.tokenizer, self.data.train, cfg.max_length)
-        self.eval_data = {name: encode(self.tokenizer, split, cfg.max_length) for name, split in self.data.eval.items()}
+        self.train_data, self.eval_data = encode_task(self.data, self.tokenizer, cfg)
         self.select_split = next(iter(self.eval_data))
         self.batcher = Batcher(self.kind.collator(self.tokenizer), self.train_data,
                                cfg.batch_size * cfg.grad_accum * self.world, cfg.seed, chunks=cfg.grad_accum * self.world)
@@ -277,8 +284,13 @@ class FineTuneRecipe:
         score = metrics[task.metric]
         if not math.isfinite(score):  # diverged
             score = float("-inf") if task.greater_is_better else float("inf")
+        mean_loss = state.loss_sum / state.loss_steps
         state.history.append({"step": state.step, "epoch": state.step / len(self.batcher),
-                              "loss": state.loss_sum / state.loss_steps, self.select_split: metrics})
+                              "loss": mean_loss, self.select_split: metrics})
+        if state.first_loss is not None and mean_loss > WARN_GROWTH * state.first_loss and not state.warnings:
+            state.warnings.append(f"the training loss rose from {state.first_loss:.4g} (first step) to {mean_loss:.4g} "
+                                  f"(steps up to {state.step}): --lr {self.cfg.lr:g} may be too high")
+            print(f"warning: {state.warnings[-1]}", file=sys.stderr)
         state.loss_sum, state.loss_steps = 0.0, 0
         best = state.best_score
         if best is None or (score > best if task.greater_is_better else score < best):
@@ -311,6 +323,9 @@ class FineTuneRecipe:
             state.step_in_epoch += 1
             bar.update()
             bar.set_postfix(loss=f"{loss:.4f}")
+            if self._diverged(loss):
+                state.finished = True
+                break
             end_of_epoch = state.step_in_epoch == len(self.batcher)
             if end_of_epoch:
                 state.epoch, state.step_in_epoch = state.epoch + 1, 0
@@ -328,11 +343,29 @@ class FineTuneRecipe:
         self.peak = peak_memory(self.device)  # (bytes, what it is)
 
     # ---------------------------------------------------------------- the result
+    def _diverged(self, loss: float) -> bool:
+        """Whether this step's loss says the run diverged (then the reason is in state.diverged)."""
+        state = self.state
+        if state.first_loss is None:
+            state.first_loss = loss
+        if math.isfinite(loss) and loss <= DIVERGED_GROWTH * max(state.first_loss, 1e-3):
+            return False
+        state.diverged = (f"the training loss reached {loss:.4g} at step {state.step} (first step: "
+                          f"{state.first_loss:.4g}): the run diverged at --lr {self.cfg.lr:g}; lower it")
+        if self.progress:
+            print(f"sparsegrad: {state.diverged}", file=sys.stderr)
+        return True
+
     def finish(self) -> RunResult:
         """Reload the best weights on validation, evaluate every split, answer the prompts, write the
-        adapter and results.json (rank 0), and drop the checkpoints: the result marks the run done."""
+        adapter and results.json (rank 0), and drop the checkpoints: the result marks the run done.
+        A diverged run gets no score: its result says why it stopped, and holds no adapter."""
         cfg, state = self.cfg, self.state
         self.accelerator.wait_for_everyone()
+        if state.diverged:
+            return self._write_result(RunResult(**self._result_fields(), status="diverged", message=state.diverged,
+                                                score=None, final={}, best_step=None, adapter=None,
+                                                generations=None))
         load_weights(self.raw, self.run_dir / "best")
         final = {name: self.evaluate(name) for name in self.eval_data}
         generations = self._answer_prompts() if cfg.prompts and self.is_main else None
@@ -340,25 +373,33 @@ class FineTuneRecipe:
         if self.is_main:
             adapter = save_adapter(self.raw, self.run_dir / "adapter", base_model=cfg.model or default_model(self.task))
             adapter["model_bytes"] = plain_model_bytes(self.raw)
+        return self._write_result(RunResult(
+            **self._result_fields(), score=final[self.select_split][self.task.metric], final=final,
+            best_step=state.best_step, adapter=adapter, generations=None if generations is None else "generations.jsonl"))
+
+    def _result_fields(self) -> dict:
+        """What every result holds, finished or diverged: the configuration, the history, the cost."""
+        cfg, state = self.cfg, self.state
         memory_bytes, memory_kind = self.peak
-        result = RunResult(
-            config=cfg.identity(), task=self.task.name, metric=self.task.metric,
-            greater_is_better=self.task.greater_is_better, score=final[self.select_split][self.task.metric],
-            final=final, best_step=state.best_step, baseline=state.baseline, baseline_kind=self.kind.baseline_kind,
-            method=self.method_info.as_dict(), targets=self.targets, bases=self.bases_info, history=state.history,
-            nonzero_row_share=state.row_share, stopped_early=state.stopped_early, resumed_at=state.resumed_at,
-            train_steps=state.step, train_seconds=state.train_seconds,
-            steps_per_s=state.step / state.train_seconds if state.train_seconds else None,
-            peak_memory_mb=memory_bytes / 2**20, memory_kind=memory_kind, device=str(self.device),
-            processes=self.world, examples_per_step=self.batcher.step_size, adapter=adapter,
-            generations=None if generations is None else "generations.jsonl",
-            data={"source": self.data.source, "train": len(self.data.train),
-                  **{k: len(v) for k, v in self.data.eval.items()}},
-            versions=versions(), command=sys.argv,
-        )
+        return {
+            "config": cfg.identity(), "task": self.task.name, "metric": self.task.metric,
+            "greater_is_better": self.task.greater_is_better, "baseline": state.baseline,
+            "baseline_kind": self.kind.baseline_kind, "method": self.method_info.as_dict(), "targets": self.targets,
+            "bases": self.bases_info, "history": state.history, "nonzero_row_share": state.row_share,
+            "stopped_early": state.stopped_early, "resumed_at": state.resumed_at, "train_steps": state.step,
+            "train_seconds": state.train_seconds,
+            "steps_per_s": state.step / state.train_seconds if state.train_seconds else None,
+            "peak_memory_mb": memory_bytes / 2**20, "memory_kind": memory_kind, "device": str(self.device),
+            "processes": self.world, "examples_per_step": self.batcher.step_size,
+            "data": {"source": self.data.source, "train": len(self.data.train),
+                     **{k: len(v) for k, v in self.data.eval.items()}},
+            "versions": versions(), "command": sys.argv, "warnings": state.warnings}
+
+    def _write_result(self, result: RunResult) -> RunResult:
+        """results.json (rank 0), which marks the run done; the checkpoints go (best/ keeps the model)."""
         if self.is_main:
             result.save(self.run_dir / "results.json")
-            shutil.rmtree(self.checkpoint_root, ignore_errors=True)  # best/ keeps the model
+            shutil.rmtree(self.checkpoint_root, ignore_errors=True)
         self.accelerator.wait_for_everyone()
         return result
 
@@ -367,8 +408,8 @@ class FineTuneRecipe:
 
         prompts = read_prompts(self.cfg.prompts)[:self.cfg.max_prompts]
         generations = generate(self.raw, self.tokenizer, prompts, self.device, max_new_tokens=self.cfg.max_new_tokens)
-        with open(self.run_dir / "generations.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(g, ensure_ascii=False) + "\n" for g in generations)
+        write_text_atomic(self.run_dir / "generations.jsonl",
+                          "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations))
         return generations
 
     def cleanup(self) -> None:
@@ -384,7 +425,10 @@ def finetune(cfg: RunConfig, run_dir: str | Path, *, bases_file: str | Path | No
     resume: continue from the last checkpoint in run_dir (or return the result of a finished run)."""
     results_file = Path(run_dir) / "results.json"
     if resume and results_file.is_file():
-        return RunResult.load(results_file)
+        try:
+            return RunResult.load(results_file)
+        except (ValueError, TypeError, KeyError) as err:  # damaged after it was written: run it again
+            print(f"warning: {results_file} is damaged ({err}); running {run_dir} again", file=sys.stderr)
     recipe = FineTuneRecipe(cfg, run_dir, bases_file=bases_file, data=data, progress=progress)
     recipe.setup(resume=resume)
     recipe.train()

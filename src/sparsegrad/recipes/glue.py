@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tasks import GLUE_FOLDERS, DataError, Example, Task
+from .tasks import GLUE_FOLDERS, DataError, Example, Task, read_text_lines
 
 # ---------------------------------------------------------------- reading
 
@@ -38,8 +38,14 @@ def read_tsv(task: Task, path: Path, labelled: bool = True) -> list[Example]:
     if not path.is_file():
         raise DataError(f"missing data file {path}: put the GLUE {task.name} files there "
                         f"(--data-dir DIR with DIR/{GLUE_FOLDERS.get(task.name, task.name)}/train.tsv, dev.tsv)")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    reader = csv.reader(read_text_lines(path), delimiter="\t", quoting=csv.QUOTE_NONE)
+    limit = csv.field_size_limit(2**31 - 1)  # a long text is the tokenizer's to truncate, not an error
+    try:
+        rows = list(reader)
+    except csv.Error as err:
+        raise DataError(f"{path}:{reader.line_num}: {err}") from None
+    finally:
+        csv.field_size_limit(limit)
     if task.header:
         if not rows:
             raise DataError(f"{path} is empty")

@@ -38,7 +38,7 @@ class RunResult(_Record):
     task: str
     metric: str
     greater_is_better: bool
-    score: float                      # the selection split's metric of the best model
+    score: float | None               # the selection split's metric of the best model (None: diverged)
     final: dict                       # split -> metrics of the best model
     best_step: int | None
     baseline: dict                    # metrics of the majority class, or of the untrained model
@@ -63,6 +63,9 @@ class RunResult(_Record):
     data: dict
     versions: dict
     command: list = field(default_factory=list)
+    status: str = "finished"          # or "diverged": then score is None and `message` says why
+    message: str | None = None
+    warnings: list = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -77,8 +80,8 @@ class SummaryRow(_Record):
     method: str                       # a method label: "lora", "sparsegrad-fixed", ...
     rest: str
     metric: str
-    mean: float
-    std: float
+    mean: float | None                # None when a seed diverged (status "diverged")
+    std: float | None
     seeds: list
     scores: list
     baseline: float
@@ -95,17 +98,25 @@ class SummaryRow(_Record):
     adapter_bytes: int | None = None
     model_bytes: int | None = None
     splits: dict = field(default_factory=dict)   # "split/metric" -> mean over seeds
+    status: str = "finished"
+    message: str | None = None
 
     @classmethod
     def from_runs(cls, runs: list[RunResult]) -> SummaryRow:
+        """The row of a method's seeds; if any seed diverged, the row has no score (mean and std None)
+        and its status and message say which."""
         first = runs[0]
-        scores = np.array([r.score for r in runs], dtype=float)
-        splits = {f"{split}/{name}": float(np.mean([r.final[split][name] for r in runs]))
-                  for split, metrics in first.final.items() for name in metrics}
+        diverged = [r for r in runs if r.status != "finished"]
+        scores = np.array([r.score for r in runs], dtype=float) if not diverged else None
+        splits = {} if diverged else {f"{split}/{name}": float(np.mean([r.final[split][name] for r in runs]))
+                                      for split, metrics in first.final.items() for name in metrics}
         return cls(
             task=first.task, method=first.label, rest=first.method["rest"], metric=first.metric,
-            mean=float(scores.mean()), std=float(scores.std()), seeds=[r.config["seed"] for r in runs],
-            scores=scores.tolist(), baseline=first.baseline[first.metric], greater_is_better=first.greater_is_better,
+            mean=None if diverged else float(scores.mean()), std=None if diverged else float(scores.std()),
+            seeds=[r.config["seed"] for r in runs], scores=[r.score for r in runs],
+            status="diverged" if diverged else "finished",
+            message="; ".join(f"seed {r.config['seed']}: {r.message}" for r in diverged) or None,
+            baseline=first.baseline[first.metric], greater_is_better=first.greater_is_better,
             trainable=first.method["trainable"], trainable_mlp=first.method["trainable_mlp"],
             total=first.method["total"], lora_rank=first.method["lora_rank"],
             steps_per_s=float(np.mean([r.steps_per_s or 0.0 for r in runs])),
@@ -147,8 +158,9 @@ def markdown_table(rows: list[SummaryRow]) -> str:
         method = r.method + (f" (r={r.lora_rank})" if r.lora_rank else "")
         scale, digits = (100, 1) if r.greater_is_better else (1, 3)
         adapter = f"{r.adapter_bytes / 2**20:,.2f}" if r.adapter_bytes else ""
-        lines.append(f"| {r.task} | {method} | {r.rest} | {r.metric} | {scale * r.mean:.{digits}f} ± "
-                     f"{scale * r.std:.{digits}f} | {scale * r.baseline:.{digits}f} | {r.trainable:,} "
+        score = (f"{scale * r.mean:.{digits}f} ± {scale * r.std:.{digits}f}" if r.status == "finished"
+                 else f"{r.status} (seeds {', '.join(str(s) for s, v in zip(r.seeds, r.scores) if v is None)})")
+        lines.append(f"| {r.task} | {method} | {r.rest} | {r.metric} | {score} | {scale * r.baseline:.{digits}f} | {r.trainable:,} "
                      f"| {r.trainable_mlp:,} | {r.steps_per_s:.2f} | {r.peak_memory_mb:,.0f} | {adapter} "
                      f"| {r.lr:.2e} | {r.batch_size} |")
     return "\n".join(lines)

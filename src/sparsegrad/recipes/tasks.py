@@ -7,13 +7,29 @@ a chat example is {"messages": [{"role", "content"}, ...], "group": str}.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
 
 Example = dict
 
 
 class DataError(ValueError):
     """Missing or malformed task data; the message says which file and what to change."""
+
+
+def read_text_lines(path: Path) -> io.StringIO:
+    """The lines of a UTF-8 text file (a byte-order mark allowed), as `open(path, newline="")` gives
+    them. A byte that is not UTF-8 is a DataError naming the file, the line and the column."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{line}: byte 0x{data[err.start]:02x} at column {err.start - line_start + 1} is not "
+                        "UTF-8: save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    return io.StringIO(text, newline="")
 
 
 @dataclass(frozen=True)
@@ -83,6 +99,8 @@ class TaskData:
     train: list[Example]
     eval: dict[str, list[Example]]   # split name -> examples; the first split is used for selection
     source: str
+    # (model, max_length) -> (encoded train, {split: encoded}): encoded once, when the options are checked
+    encoded: dict = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
         evals = ", ".join(f"{k} {len(v)}" for k, v in self.eval.items())

@@ -1,0 +1,78 @@
+"""An exclusive lock on an output folder, held while a command writes there.
+
+Two commands pointed at one folder would overwrite each other's checkpoints; the second is refused
+at once, naming the holder. The lock is an advisory `flock` on `<folder>/.lock`: the operating
+system releases it when its process ends, however it ends (kill -9 included), so a lock left by a
+dead process is simply taken over. The file keeps the holder's pid, host and start time for the
+message; it is emptied on release. (POSIX only: where `fcntl` is missing the lock is not taken.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Self
+
+LOCK_FILE = ".lock"
+
+
+class FolderInUseError(ValueError):
+    """Another live process holds the output folder."""
+
+
+class FolderLock:
+    """`with FolderLock(folder):` — the folder is this process's until the block ends."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self._file = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held open as long as the lock)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = _describe(f.read())
+            f.close()
+            raise FolderInUseError(f"--output-dir {self.folder} is in use by another sparsegrad run ({holder}): "
+                                   "wait for it to end, or choose another --output-dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": sys.argv}))
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            import fcntl
+
+            self._file.truncate(0)
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _describe(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
+    except (ValueError, KeyError, TypeError):
+        return "its details are not recorded yet"
