@@ -4,6 +4,7 @@ A fault is (kind, hook, n): at the n-th call of `hook` in the child,
     kill      the child kills itself with SIGKILL (before the call: nothing of it is written)
     tear      the call writes half of its file, then the child kills itself (a write cut short)
     fill      the call fails as a full disk makes it fail (ENOSPC, in each writer's own form)
+    stall     (step only) the run waits, holding its folder, until the file <output-dir>.go exists
 Hooks: `save_file` (safetensors: checkpoints, best weights, bases, adapters), `torch_save` (checkpoint
 state), `replace` (os.replace: every atomic file's commit), `step` (after an optimizer step).
 
@@ -18,6 +19,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -31,21 +33,35 @@ def _context():
     return ctx
 
 
+def start(argv: list[str], fault: tuple[str, str, int] | None = None, count_file: Path | None = None):
+    """Start `sparsegrad <argv>` in a child with `fault` armed; the child process (its stderr goes to
+    the file `child.log`)."""
+    _started[0] += 1
+    log = Path(argv[argv.index("--output-dir") + 1]).with_suffix(f".{_started[0]}.stderr")
+    child = _context().Process(target=_child, args=(argv, fault, str(count_file) if count_file else None, str(log)))
+    child.start()
+    child.log = log
+    return child
+
+
+_started = [0]
+
+
 def run(argv: list[str], fault: tuple[str, str, int] | None = None, count_file: Path | None = None,
         timeout: float = 600) -> tuple[int, str]:
     """Run `sparsegrad <argv>` in a child with `fault` armed; (exit code, stderr). -9: killed.
     count_file: where the child writes how often each hook was called (for a census run)."""
-    ctx = _context()
-    stderr_file = Path(argv[argv.index("--output-dir") + 1]).with_suffix(".stderr")
-    child = ctx.Process(target=_child, args=(argv, fault, str(count_file) if count_file else None, str(stderr_file)))
-    child.start()
+    return finish(start(argv, fault, count_file), timeout)
+
+
+def finish(child, timeout: float = 600) -> tuple[int, str]:
+    """Wait for a started child; (exit code, stderr)."""
     child.join(timeout)
     if child.is_alive():
         child.kill()
         child.join()
-        raise TimeoutError(f"sparsegrad {' '.join(argv)} did not end in {timeout} s")
-    text = stderr_file.read_text() if stderr_file.is_file() else ""
-    return child.exitcode, text
+        raise TimeoutError(f"a sparsegrad child did not end in {timeout} s (its output: {child.log})")
+    return child.exitcode, child.log.read_text() if child.log.is_file() else ""
 
 
 def _child(argv, fault, count_file, stderr_file) -> None:
@@ -150,8 +166,14 @@ def _arm(fault, calls: Counter) -> None:
 
     def train_step(self):
         loss = real_step(self)
-        if due("step") == "kill":
+        what = due("step")
+        if what == "kill":
             _die()
+        if what == "stall":  # hold the run (and its folder) until the test creates <output-dir>.go
+            go = self.run_dir.parent.with_suffix(".go")
+            (go.parent / f"{go.stem}.stalled").touch()
+            while not go.exists():
+                time.sleep(0.05)
         return loss
 
     FineTuneRecipe.train_step = train_step

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import census, leftovers, run
+from harness import census, finish, leftovers, run, start
 
 pytestmark = pytest.mark.faults
 
@@ -112,32 +112,47 @@ def test_truncated_checkpoints_fall_back_or_say_why(reference, tmp_path):
     TRIED["truncate"] = tried
 
 
-def _sparsegrad(*args: str) -> list[str]:
-    return [os.sys.executable, "-m", "sparsegrad.recipes", *args]
+def test_a_killed_search_resumes_to_the_same_trials(reference, tmp_path):
+    """--optimize 3 (2 steps a trial) killed during the second trial's run, then resumed: the same three
+    trials as an uninterrupted search, the cut one run again."""
+    search = [*RUN, "--optimize", "3", "--max-steps", "2"]
+    trials = {}
+    for name, fault in [("whole", None), ("killed", ("kill", "step", 3))]:
+        out = tmp_path / name
+        code, err = run([*search, "--output-dir", str(out)], fault=fault)
+        if fault:
+            assert code == -9
+            code, err = run([*search, "--output-dir", str(out), "--resume"])
+        assert code == 0, err[-3000:]
+        trials[name] = json.loads((out / "summary.json").read_text())["search"]["trials"]
+    params = [t["params"] for t in trials["whole"]]
+    assert len({json.dumps(p, sort_keys=True) for p in params}) == 3  # three distinct draws
+    assert [t["params"] for t in trials["killed"]] == params
+    assert [t["value"] for t in trials["killed"]] == [t["value"] for t in trials["whole"]]
+    TRIED["search kill"] = 1
 
 
 def test_a_second_run_on_the_same_folder_is_refused_at_once(reference, tmp_path):
+    """While a run works in a folder (held at its 4th step), a second run there, fresh or --resume, is
+    refused at once naming the first; the first, let go, reaches the uninterrupted result."""
     whole, _ = reference
     out = tmp_path / "raced"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(_sparsegrad(*RUN, "--output-dir", str(out)), env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (out / "command.json").is_file() and time.time() < deadline:
+    first = start([*RUN, "--output-dir", str(out)], fault=("stall", "step", 4))
+    stalled = tmp_path / "raced.stalled"
+    deadline = time.time() + 300
+    while not stalled.exists() and first.is_alive() and time.time() < deadline:
         time.sleep(0.05)
+    assert stalled.exists(), "the first run never reached its 4th step"
     tried = 0
     for extra in ([], ["--resume"]):  # a fresh run, and a resume of the live one
-        start = time.time()
-        second = subprocess.run(_sparsegrad(*RUN, *extra, "--output-dir", str(out)), env=env, capture_output=True,
-                                text=True, check=False)
+        code, err = run([*RUN, *extra, "--output-dir", str(out)])
         tried += 1
-        assert first.poll() is None, "the first run ended before the second started: nothing was raced"
-        assert second.returncode == 2, second.stderr[-2000:]
-        last = second.stderr.strip().splitlines()[-1]
+        assert code == 2, err[-2000:]
+        last = err.strip().splitlines()[-1]
         assert f"is in use by another sparsegrad run (pid {first.pid}" in last, last
-        assert time.time() - start < 60  # refused at once, not after loading the model
-    _, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err[-3000:]
+    (tmp_path / "raced.go").touch()
+    code, err = finish(first)
+    assert code == 0, err[-3000:]
     _same_run(whole, _result(out))
     TRIED["race"] = tried
 

@@ -26,7 +26,6 @@ optimizer step) it follows, and the share of W_0 entries kept apart after the st
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -259,7 +258,7 @@ def main(args: argparse.Namespace) -> int:
                                     "repeats": args.repeats}
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "layer.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    write_json_atomic(out / "layer.json", {"meta": meta, "rows": rows})
     (out / "layer.md").write_text(table(rows) + "\n")
     print(table(rows))
     return 0

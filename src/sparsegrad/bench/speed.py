@@ -26,7 +26,6 @@ only the classifier trains besides the method's MLP entries).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,7 +35,7 @@ import torch
 
 from sparsegrad import Bases, compute_bases, optimizer, sparse_layers
 from sparsegrad.layer import FixedSparseGradLinear, SparseGradLinear
-from sparsegrad.util import to_device
+from sparsegrad.util import to_device, write_json_atomic
 
 from ..recipes.machine import machine
 from ..recipes.memory import peak_memory, reset_peak_memory, tensor_bytes
@@ -240,7 +239,7 @@ def run(args: argparse.Namespace) -> dict:
               "rows": rows}
     name = (f"speed-{args.device}" + ("" if args.fill == 1 else f"-fill{args.fill:g}")
             + ("" if args.rest == "head" else f"-rest-{args.rest}"))
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1))
+    write_json_atomic(out / f"{name}.json", result)
     (out / f"{name}.md").write_text(markdown(result) + "\n")
     return result
 

@@ -13,6 +13,8 @@ import json
 import subprocess
 import sys
 
+from sparsegrad.util import strict_json
+
 
 class WorkerError(RuntimeError):
     """A worker process failed; the message ends with its last output."""
@@ -36,7 +38,7 @@ def run_in_process(target: str, spec: dict, *, show_output: bool = False) -> dic
 def _main(argv: list[str]) -> int:
     module, _, function = argv[0].partition(":")
     result = getattr(importlib.import_module(module), function)(json.loads(argv[1]))
-    sys.stdout.write("\n" + json.dumps(result, default=str) + "\n")
+    sys.stdout.write("\n" + json.dumps(strict_json(result), default=str, allow_nan=False) + "\n")
     return 0
 
 
