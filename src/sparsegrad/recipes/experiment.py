@@ -3,6 +3,7 @@ summarise (summary.json + summary.md).
 
 Output folder of `finetune`:
     command.json          the options (a resumed command must match them)
+    .lock                 held while a command runs there (lock.py)
     bases.safetensors     the preliminary phase's bases, shared by seeds and trials
     optuna.db, trials/    with --optimize N (resumable SQLite study; search.py)
     seed-<s>/             one run per seed: results.json, best/model.safetensors, adapter/, checkpoints/
@@ -80,9 +81,8 @@ def claimed_folder(out: Path, command: dict, resume: bool) -> Iterator[None]:
     """Hold `out` for the command's duration (an exclusive lock: lock.py); it must be empty, or hold
     this very command (with --resume). Writes command.json."""
     out = Path(out)
-    if out.is_dir() and not (out / "command.json").is_file() and not all(map(_ours, out.iterdir())):
-        raise RunFolderError(f"--output-dir {out} is not empty and holds no sparsegrad run: choose another "
-                             "--output-dir")  # checked before the lock: a folder of the user's is never touched
+    if out.is_dir() and not (out / "command.json").is_file():
+        _refuse_foreign(out)  # before the lock file is made: a folder of the user's is never touched
     with FolderLock(out):
         _check_folder(out, command, resume)
         yield
@@ -101,15 +101,16 @@ def _check_folder(out: Path, command: dict, resume: bool) -> None:
             raise RunFolderError(f"--output-dir {out} holds a different run ({'; '.join(diff)}): resume it with "
                                  "its own options, or choose another --output-dir")
         return
-    if not all(map(_ours, out.iterdir())):
-        raise RunFolderError(f"--output-dir {out} is not empty and holds no sparsegrad run: choose another "
-                             "--output-dir")
+    _refuse_foreign(out)
     write_json_atomic(saved_file, command)
 
 
-def _ours(path: Path) -> bool:
-    """The lock, or a command.json whose writer was killed before it was renamed into place."""
-    return path.name == LOCK_FILE or path.name.startswith(".command.json.tmp")
+def _refuse_foreign(out: Path) -> None:
+    """A folder holding anything but the lock, or a command.json whose writer was killed before it was
+    renamed into place, is someone else's."""
+    if any(p.name != LOCK_FILE and not p.name.startswith(".command.json.tmp") for p in out.iterdir()):
+        raise RunFolderError(f"--output-dir {out} is not empty and holds no sparsegrad run: choose another "
+                             "--output-dir")
 
 
 def _flat(command: dict) -> dict:

@@ -216,7 +216,7 @@ class FineTuneRecipe:
         return self.run_dir / "checkpoints"
 
     def load_checkpoint(self) -> bool:
-        """Continue from the latest checkpoint in run_dir, if there is one."""
+        """Continue from the newest checkpoint in run_dir that verifies (a damaged one is named and passed over)."""
         ckpt = latest_checkpoint(self.checkpoint_root)
         if ckpt is None:
             return False
