@@ -54,8 +54,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             _remove(path)
         os.replace(tmp, path)
     except Exception as err:
-        if is_disk_full(err) and not isinstance(err, DiskFullError):
-            _remove(tmp)  # first: the space it holds is what the message asks the user to find
+        if is_disk_full(err) and not isinstance(err, DiskFullError):  # `finally` removes the temporary
             raise DiskFullError(f"no space left on device while writing {path} (the partial file "
                                 "was removed, what was there before is kept): free space on that disk, or "
                                 "choose another --output-dir, then run again with --resume") from err

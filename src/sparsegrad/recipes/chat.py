@@ -40,12 +40,11 @@ def check_conversation(messages, where: str) -> list[dict]:
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant turn, so nothing to learn from")
     roles = [m["role"] for m in messages]
-    turns = roles[1:] if roles[0] == "system" else roles
-    for i, role in enumerate(turns):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if role != expected:
-            position = i + len(roles) - len(turns)
-            raise DataError(f"{where}: message {position} is a {role!r} turn where a {expected!r} turn belongs; a "
+    first = 1 if roles[0] == "system" else 0
+    for i in range(first, len(roles)):
+        expected = ("user", "assistant")[(i - first) % 2]
+        if roles[i] != expected:
+            raise DataError(f"{where}: message {i} is a {roles[i]!r} turn where a {expected!r} turn belongs; a "
                             "conversation is an optional system message, then user and assistant turns in turn "
                             f"(roles here: {', '.join(roles)})")
     return [{"role": m["role"], "content": m["content"]} for m in messages]

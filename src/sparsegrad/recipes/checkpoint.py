@@ -97,7 +97,11 @@ def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict, keep: 
 def checkpoints(root: Path) -> list[Path]:
     """The checkpoint folders under `root`, oldest first."""
     found = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(found, key=_step)
+
+
+def _step(path: Path) -> int:
+    return int(path.name.split("-")[1])
 
 
 def verify_checkpoint(path: Path) -> None:
@@ -127,7 +131,7 @@ def latest_checkpoint(root: Path) -> Path | None:
     pointer = root / LATEST
     newest = pointer.read_text().strip().rpartition("-")[2] if pointer.is_file() else ""
     if newest.isdigit():  # `latest` names the newest complete one: any newer folder is left from a crash
-        found = [p for p in found if int(p.name.split("-")[1]) <= int(newest)]
+        found = [p for p in found if _step(p) <= int(newest)]
     problems = []
     for path in reversed(found):
         try:

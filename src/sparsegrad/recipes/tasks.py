@@ -3,7 +3,7 @@ decoder): what each reads and how it is scored. How a kind of task is encoded, b
 and evaluated is its TaskKind (kinds/); where its data comes from is data.load_task.
 
 A classification example is a dict: {"text": str, "text_pair": str | None, "label": int | float};
-a chat example is {"messages": [{"role", "content"}, ...], "group": str}.
+a chat example is {"messages": [{"role", "content"}, ...], "group": str, "where": "file:line"}.
 """
 from __future__ import annotations
 
