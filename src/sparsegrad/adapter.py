@@ -37,6 +37,55 @@ def _index_dtype(*dims: int) -> torch.dtype:
     return torch.int16 if max(dims) <= torch.iinfo(torch.int16).max else torch.int32
 
 
+def entry_tensors(layer: SparseGradLinear) -> dict[str, torch.Tensor]:
+    """S's trained entries as an adapter stores them: rows, cols (int16 where they fit) and values."""
+    rows, cols, values = layer.trained_entries()
+    index = _index_dtype(layer.in_features, layer.out_features)
+    return {"rows": rows.to(index).cpu(), "cols": cols.to(index).cpu(), "values": values.cpu()}
+
+
+def basis_rows(layers: list[SparseGradLinear]) -> dict[str, torch.Tensor]:
+    """The rows of U and V that the entries of `layers` (one role: the same bases) use, with their
+    indices: {"U", "U_index", "V", "V_index"}. What an adapter with its bases embedded holds."""
+    out = {}
+    used = [layer.trained_entries()[:2] for layer in layers]  # (rows, cols) of each layer
+    for i, side in enumerate(("U", "V")):
+        basis = getattr(layers[0], side)
+        idx = torch.unique(torch.cat([u[i].to(basis.device) for u in used]))  # sorted
+        out[side] = basis.index_select(0, idx).cpu()
+        out[f"{side}_index"] = idx.to(_index_dtype(*basis.shape)).cpu()
+    return out
+
+
+def basis_groups(layers: dict[str, SparseGradLinear]) -> dict[str, list[SparseGradLinear]]:
+    """The layers grouped by the bases they hold, each group named by its role when the role's
+    layers share one pair (the paper's grouping), else by the layer's own name."""
+    by_pair: dict[tuple[int, int], list[str]] = {}
+    for name, layer in layers.items():
+        by_pair.setdefault((id(layer.U), id(layer.V)), []).append(name)
+    pairs_of_role: dict[str, set] = {}
+    for pair, names in by_pair.items():
+        for name in names:
+            pairs_of_role.setdefault(role_of(name), set()).add(pair)
+    groups: dict[str, list[SparseGradLinear]] = {}
+    for name, layer in layers.items():
+        role = role_of(name)
+        groups.setdefault(role if len(pairs_of_role[role]) == 1 else name, []).append(layer)
+    return groups
+
+
+def basis_group_of(name: str, groups) -> str:
+    """The group (see basis_groups) whose stored basis rows the layer `name` uses."""
+    return name if name in groups else role_of(name)
+
+
+def full_basis(rows: torch.Tensor, index: torch.Tensor, d: int) -> torch.Tensor:
+    """A (d, d) basis with the stored `rows` at `index` and zeros elsewhere: all that S's entries need."""
+    out = rows.new_zeros(d, d)
+    out[index.long()] = rows
+    return out
+
+
 def save_adapter(model: nn.Module, folder: str | Path, *, base_model: str | None = None,
                  bases_file: str | Path | None = None) -> dict:
     """Write the adapter of `model` (SparseGrad layers still in place, not merged) into `folder`,
@@ -49,34 +98,22 @@ def save_adapter(model: nn.Module, folder: str | Path, *, base_model: str | None
     layers = sparse_layers(model)
     tensors: dict[str, torch.Tensor] = {}
     records: dict[str, dict] = {}
-    needed: dict[str, dict[str, set]] = {}  # role -> {"U": rows of U, "V": rows of V}
-    role_bases: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    trained: dict[str, SparseGradLinear] = {}
     for name, layer in layers.items():
         if not isinstance(layer, SparseGradLinear):  # MeProp trains the weight itself: saved whole below
             continue
-        rows, cols, values = layer.trained_entries()
-        role = role_of(name)
+        entries = entry_tensors(layer)  # values in the layer's (master) dtype
         records[name] = {"mode": layer.mode, "in_features": layer.in_features, "out_features": layer.out_features,
-                         "k": layer.k, "entries": int(values.numel()), "role": role}
-        index = _index_dtype(layer.in_features, layer.out_features)
-        tensors[f"{name}.rows"] = rows.to(index).cpu()
-        tensors[f"{name}.cols"] = cols.to(index).cpu()
-        tensors[f"{name}.values"] = values.cpu()  # in the model's dtype
-        sets = needed.setdefault(role, {"U": set(), "V": set()})
-        sets["U"].update(rows.tolist())
-        sets["V"].update(cols.tolist())
-        role_bases.setdefault(role, (layer.U, layer.V))
+                         "k": layer.k, "entries": int(entries["values"].numel()), "role": role_of(name)}
+        tensors |= {f"{name}.{key}": t for key, t in entries.items()}
+        trained[name] = layer
     bases_ref = None
     if bases_file is not None:
         bases_file = Path(bases_file)
         bases_ref = {"file": str(bases_file.resolve()), "sha256": file_sha256(bases_file)}
     else:  # the basis rows the entries use, once per role: basis.<role>.U (n, d_in) with their indices
-        for role, sets in needed.items():
-            U, V = role_bases[role]
-            for side, basis in (("U", U), ("V", V)):
-                idx = torch.tensor(sorted(sets[side]), dtype=torch.long, device=basis.device)
-                tensors[f"basis.{role}.{side}_index"] = idx.to(_index_dtype(*basis.shape)).cpu()
-                tensors[f"basis.{role}.{side}"] = basis.index_select(0, idx).cpu()
+        for group, group_layers in basis_groups(trained).items():
+            tensors |= {f"basis.{group}.{key}": t for key, t in basis_rows(group_layers).items()}
     sparse_params = {id(p) for layer in layers.values() if isinstance(layer, SparseGradLinear)
                      for p in layer.parameters(recurse=False) if p is not layer.bias}
     dense = []
@@ -102,11 +139,13 @@ def plain_model_bytes(model: nn.Module) -> int:
                if id(p) not in extra and "lora_" not in name)
 
 
-def _role_basis(tensors: dict, bases, role: str, side: str, name: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(basis rows, their indices) for a role: from the adapter, or all rows from the referenced bases."""
+def _layer_basis(tensors: dict, bases, name: str, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(basis rows, their indices) for a layer: from the adapter, or all rows from the referenced bases."""
     if bases is None:
-        return (tensors[f"basis.{role}.{side}"].to(device, torch.float64),
-                tensors[f"basis.{role}.{side}_index"].long().to(device))
+        groups = {key.split(".", 1)[1].rsplit(".", 1)[0] for key in tensors if key.startswith("basis.")}
+        group = basis_group_of(name, groups)
+        return (tensors[f"basis.{group}.{side}"].to(device, torch.float64),
+                tensors[f"basis.{group}.{side}_index"].long().to(device))
     U, V = bases.for_layer(name)
     basis = (U if side == "U" else V).to(device, torch.float64)
     return basis, torch.arange(basis.shape[0], device=device)
@@ -159,8 +198,8 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
         module = model.get_submodule(name)
         weight = linear_weight(module)  # (d_out, d_in) view of the module's weight
         device = weight.device
-        U, u_index = _role_basis(tensors, bases, rec["role"], "U", name, device)
-        V, v_index = _role_basis(tensors, bases, rec["role"], "V", name, device)
+        U, u_index = _layer_basis(tensors, bases, name, "U", device)
+        V, v_index = _layer_basis(tensors, bases, name, "V", device)
         rows = torch.searchsorted(u_index, tensors[f"{name}.rows"].long().to(device))
         cols = torch.searchsorted(v_index, tensors[f"{name}.cols"].long().to(device))
         S = torch.zeros(U.shape[0], V.shape[0], dtype=torch.float64, device=device)

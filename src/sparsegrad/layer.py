@@ -90,10 +90,10 @@ class SparseGradLinear(SparseLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, k: int,
                  U: torch.Tensor | None = None, V: torch.Tensor | None = None, mode: str | None = None,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, owner: nn.Linear | None = None) -> None:
         if mode is not None and mode != self.mode:
             raise ValueError(f"mode={mode!r} does not fit {type(self).__name__} (mode {self.mode!r})")
-        super().__init__(in_features, out_features, bias, k=k, device=device, dtype=dtype)
+        super().__init__(in_features, out_features, bias, k=k, device=device, dtype=dtype, owner=owner)
         basis_dtype = master_dtype(dtype)
         for name, basis, d in (("U", U, in_features), ("V", V, out_features)):
             if basis is None:
@@ -114,6 +114,7 @@ class SparseGradLinear(SparseLinear):
         low = self.weight.dtype in LOW_PRECISION
         self.register_buffer("w0_index", torch.zeros(0, dtype=self._index_dtype(), device=device) if low else None)
         self.register_buffer("w0_value", self.weight.new_zeros(0) if low else None)
+        self.unfolded = False  # S taken out of the weight (see unfold)
 
     @classmethod
     def from_linear(cls, module: nn.Module, *, k: int, mode: str | None = None, **kwargs) -> SparseLinear:
@@ -196,7 +197,9 @@ class SparseGradLinear(SparseLinear):
 
     @torch.no_grad()
     def sync(self) -> None:
-        """Fold trained values that changed since the last fold into `weight`."""
+        """Fold trained values that changed since the last fold into `weight` (none while unfolded)."""
+        if self.unfolded:
+            return
         change = self._changed()
         if change is None:
             return
@@ -206,6 +209,58 @@ class SparseGradLinear(SparseLinear):
             else:
                 a, b = change.plan.sides(self.U, self.V)
                 change.plan.fold(self.weight.data, change.diff.to(a.dtype), a, b)
+
+    @torch.no_grad()
+    def unfold(self) -> None:
+        """Take S out of the weight (weight = W_0) and keep it out until `refold`: forward, sync and
+        state_dict() leave the weight alone meanwhile; S itself is kept. How a peft adapter is
+        disabled or switched. Low-precision weights come back to W_0 exactly (the rebuild), float32
+        ones to rounding (W_0 + D - D), as a merged LoRA's unmerge."""
+        if self.unfolded:
+            return
+        self.sync()
+        trained = self._trained_plan()
+        if trained is not None:
+            with record_function("sparsegrad.fold"), torch.autocast(self.weight.device.type, enabled=False):
+                if self.weight.dtype in LOW_PRECISION:
+                    self._rebuild(trained, None)
+                else:
+                    plan, values = trained
+                    a, b = plan.sides(self.U, self.V)
+                    plan.fold(self.weight.data, -values.to(a.dtype), a, b)
+        self._forget_folded()
+        self.unfolded = True
+
+    @torch.no_grad()
+    def refold(self) -> None:
+        """Fold all of S into the weight again after `unfold`."""
+        self.unfolded = False
+        self.sync()
+
+    @torch.no_grad()
+    def load_trained(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+                     U: torch.Tensor | None = None, V: torch.Tensor | None = None) -> None:
+        """Make S the given entries (an adapter's), zero elsewhere, optionally in new bases, and fold it.
+        fixed: (rows, cols) become the support (k entries); dynamic: any number up to the layer size."""
+        folded = not self.unfolded
+        self.unfold()
+        for name, basis, d in (("U", U, self.in_features), ("V", V, self.out_features)):
+            if basis is not None:
+                if tuple(basis.shape) != (d, d):
+                    raise ValueError(f"basis {name} has shape {tuple(basis.shape)}, this layer needs ({d}, {d})")
+                self._buffers[name] = basis
+        self._set_entries(rows.long().to(self.weight.device), cols.long().to(self.weight.device),
+                          values.to(self.weight.device))
+        self._forget_folded()
+        if folded:
+            self.refold()
+
+    def _forget_folded(self) -> None:
+        """Record that none of S is in the weight: the next sync folds all of it."""
+        raise NotImplementedError
+
+    def _set_entries(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
+        raise NotImplementedError
 
     def _delta(self, trained: tuple[SupportPlan, torch.Tensor] | None) -> torch.Tensor:
         """U^T S V in weight orientation (d_out, d_in), float32; the same bits for the same S."""
@@ -258,27 +313,35 @@ class FixedSparseGradLinear(SparseGradLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, k: int,
                  U: torch.Tensor | None = None, V: torch.Tensor | None = None,
                  support: tuple[torch.Tensor, torch.Tensor] | None = None, mode: str | None = None,
-                 device=None, dtype=None) -> None:
-        super().__init__(in_features, out_features, bias, k=k, U=U, V=V, mode=mode, device=device, dtype=dtype)
+                 device=None, dtype=None, owner: nn.Linear | None = None) -> None:
+        super().__init__(in_features, out_features, bias, k=k, U=U, V=V, mode=mode, device=device, dtype=dtype,
+                         owner=owner)
         if support is None:
             raise ValueError("mode='fixed' needs a support (rows, cols); sparsegrad.apply chooses it from the bases' energy")
-        rows, cols = (torch.as_tensor(t, dtype=torch.long, device=device).reshape(-1) for t in support)
-        if rows.numel() != k or cols.numel() != k:
-            raise ValueError(f"support has {rows.numel()} rows / {cols.numel()} cols, expected k={k}")
-        if (rows < 0).any() or (rows >= in_features).any() or (cols < 0).any() or (cols >= out_features).any():
-            raise ValueError(f"support indices fall outside the {in_features}x{out_features} transformed weight")
-        if torch.unique(rows * out_features + cols).numel() != k:
-            raise ValueError("support has repeated entries")
-        # Stored in the order the gradient kernels walk it (sorted along the side they rotate),
-        # as int32: no permutation or index copies are kept beside it.
-        transposed = SupportPlan.orientation(rows, cols)
-        order = torch.argsort(cols * in_features + rows if transposed else rows * out_features + cols)
-        self.register_buffer("rows", rows[order].to(torch.int32))
-        self.register_buffer("cols", cols[order].to(torch.int32))
-        self.values = nn.Parameter(torch.zeros(k, device=device, dtype=master_dtype(dtype)))
-        self.register_buffer("_merged", torch.zeros(k, device=device, dtype=master_dtype(dtype)))  # values folded
+        self.register_buffer("rows", None)
+        self.register_buffer("cols", None)
+        self._order_support(*support)
+        self.values = nn.Parameter(torch.zeros(k, device=self.rows.device, dtype=master_dtype(self.weight.dtype)))
+        self.register_buffer("_merged", torch.zeros_like(self.values.data))  # values folded
         self._plan: SupportPlan | None = None
         self._plan_key = None
+
+    def _order_support(self, rows, cols) -> torch.Tensor:
+        """Check the support and store it in the order the gradient kernels walk it (sorted along the
+        side they rotate), as int32: no permutation or index copies are kept beside it. Returns that order."""
+        k, d_in, d_out = self.k, self.in_features, self.out_features
+        device = self.weight.device
+        rows, cols = (torch.as_tensor(t, dtype=torch.long, device=device).reshape(-1) for t in (rows, cols))
+        if rows.numel() != k or cols.numel() != k:
+            raise ValueError(f"support has {rows.numel()} rows / {cols.numel()} cols, expected k={k}")
+        if (rows < 0).any() or (rows >= d_in).any() or (cols < 0).any() or (cols >= d_out).any():
+            raise ValueError(f"support indices fall outside the {d_in}x{d_out} transformed weight")
+        if torch.unique(rows * d_out + cols).numel() != k:
+            raise ValueError("support has repeated entries")
+        transposed = SupportPlan.orientation(rows, cols)
+        order = torch.argsort(cols * d_in + rows if transposed else rows * d_out + cols)
+        self.rows, self.cols = rows[order].to(torch.int32), cols[order].to(torch.int32)
+        return order
 
     @classmethod
     def from_linear(cls, module: nn.Module, *, k: int, mode: str | None = None,
@@ -323,6 +386,13 @@ class FixedSparseGradLinear(SparseGradLinear):
     def _folded_plan(self, change):
         return self._support_plan(), change.before
 
+    def _forget_folded(self) -> None:
+        self._merged.zero_()
+
+    def _set_entries(self, rows, cols, values) -> None:
+        order = self._order_support(rows, cols)
+        self.values.data.copy_(values[order])
+
     def _trainable_grad(self, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
         plan = self._support_plan()
         basis_dtype = self.U.dtype
@@ -346,8 +416,9 @@ class DynamicSparseGradLinear(SparseGradLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, k: int,
                  U: torch.Tensor | None = None, V: torch.Tensor | None = None, mode: str | None = None,
-                 device=None, dtype=None) -> None:
-        super().__init__(in_features, out_features, bias, k=k, U=U, V=V, mode=mode, device=device, dtype=dtype)
+                 device=None, dtype=None, owner: nn.Linear | None = None) -> None:
+        super().__init__(in_features, out_features, bias, k=k, U=U, V=V, mode=mode, device=device, dtype=dtype,
+                         owner=owner)
         self.delta = nn.Parameter(torch.zeros(in_features, out_features, device=device, dtype=master_dtype(dtype)))
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (flat indices, values of S there) since the fold
         self._folded_key = self._delta_key()
@@ -398,6 +469,17 @@ class DynamicSparseGradLinear(SparseGradLinear):
         if not bool(moved.any()):
             return None
         return _Change(self._plan(flat[moved]), diff[moved], before[moved], flat[moved])
+
+    def _forget_folded(self) -> None:
+        flat = self.delta.detach().reshape(-1).nonzero().squeeze(1)
+        self._pending = [(flat, self.delta.new_zeros(flat.numel()))] if flat.numel() else []
+        self._folded_key = None
+
+    def _set_entries(self, rows, cols, values) -> None:
+        if rows.numel() > self.delta.numel():
+            raise ValueError(f"{rows.numel()} entries do not fit a {self.in_features}x{self.out_features} layer")
+        self.delta.data.zero_()
+        self.delta.data[rows, cols] = values.to(self.delta.dtype)
 
     def _folded_plan(self, change):
         folded = self.delta.detach().clone().reshape(-1)  # S before the change: a transient copy

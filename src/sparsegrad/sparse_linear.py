@@ -156,14 +156,20 @@ class SparseLinear(nn.Module):
     trains_weight: bool = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, k: int,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, owner: nn.Linear | None = None) -> None:
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features = in_features, out_features
         self.k = check_k(k, in_features, out_features)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory),
-                                   requires_grad=self.trains_weight)
-        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        if owner is None:
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory),
+                                       requires_grad=self.trains_weight)
+            self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        else:
+            # Borrowed (the peft tuner layer): the wrapped nn.Linear keeps its weight and bias and
+            # this layer reads and folds into them -- no second copy, and nothing of the base model
+            # among this layer's parameters or state. Not registered as a submodule.
+            self.__dict__["_owner"] = owner
         self.original_type = "Linear"
         # [non-zero rows of dy, rows of dy] seen by backward since the last `model.take_row_share` (Fig. 3)
         self.row_counts = [0, 0]
@@ -173,13 +179,28 @@ class SparseLinear(nn.Module):
         # whatever is saved is current: fold pending updates before state_dict() / save_pretrained
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.sync())
 
+    def __getattr__(self, name: str):
+        owner = self.__dict__.get("_owner")
+        if owner is not None and name in ("weight", "bias"):
+            return getattr(owner, name)
+        return super().__getattr__(name)
+
     # ------------------------------------------------------------------ building
     @classmethod
-    def from_linear(cls, module: nn.Module, *, k: int, **layer_kwargs) -> SparseLinear:
-        """Wrap an nn.Linear (or transformers' Conv1D); outputs are unchanged."""
+    def from_linear(cls, module: nn.Module, *, k: int, borrow: bool = False, **layer_kwargs) -> SparseLinear:
+        """Wrap an nn.Linear (or transformers' Conv1D); outputs are unchanged.
+
+        borrow: read and fold into `module`'s own weight and bias instead of a copy (an nn.Linear
+        with a frozen weight; how the peft tuner layer wraps its base layer)."""
         check_plain_weight(module)
         w = linear_weight(module)
         d_out, d_in = w.shape
+        if borrow:
+            if not isinstance(module, nn.Linear) or cls.trains_weight:
+                raise TypeError(f"{cls.__name__} borrows the weight of an nn.Linear it does not train; "
+                                f"got {type(module).__name__}")
+            return cls(d_in, d_out, module.bias is not None, k=k, device=w.device, dtype=w.dtype, owner=module,
+                       **layer_kwargs)
         layer = cls(d_in, d_out, module.bias is not None, k=k, device=w.device, dtype=w.dtype, **layer_kwargs)
         with torch.no_grad():
             layer.weight.copy_(w)

@@ -116,6 +116,7 @@ def find_targets(model: nn.Module, targets: Targets = None, *, blocks: Blocks = 
             continue
         if isinstance(module, SparseLinear):
             continue
+        module = getattr(module, "base_layer", module)  # a peft tuner layer: the linear it wraps
         if not is_linear_like(module):
             raise ValueError(
                 f"target {name!r} is a {type(module).__name__}, not a linear layer; "

@@ -1,0 +1,200 @@
+"""SparseGradModel: the peft tuner that puts SparseGradLayer on the MLP linears.
+
+The bases are shared by all layers of a role and held once: each layer references the same
+tensors (as peft's VeRA shares its projections). An adapter folder holds, besides peft's
+``adapter_config.json``:
+
+    base_model.model.<layer>.sparsegrad_{rows,cols,values}     S's trained entries, per layer
+    base_model.sparsegrad_basis.<role>.{U,V}[_index]           the basis rows they use, per role
+                                                               (left out with embed_bases=False)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from ..adapter import basis_group_of, basis_groups, basis_rows, full_basis
+from ..basis import Bases, compute_bases
+from ..model import _SharedBases, layer_k
+from ..sparse_linear import check_plain_weight, master_dtype
+from ..support import topk_support
+from ..targets import DEFAULT_TARGETS, find_targets
+from .config import SparseGradConfig
+from .layer import BASIS_KEYS, ENTRY_KEYS, SparseGradLayer, sparsegrad_linears
+
+PEFT_PREFIX = "base_model.model."  # of every adapter key in a saved adapter
+BASES_PREFIX = "base_model.sparsegrad_basis."
+
+
+class SparseGradModel(BaseTuner):
+    """SparseGrad on the MLP linears of a model, as a peft tuner.
+
+        bases = sparsegrad.compute_bases(model, batches, n_steps=10)
+        model = get_peft_model(model, SparseGradConfig(bases=bases, density=0.01))
+    """
+
+    prefix: str = "sparsegrad_"
+    tuner_layer_cls = SparseGradLayer
+    target_module_mapping = DEFAULT_TARGETS
+
+    def _prepare_adapter_config(self, config: SparseGradConfig, model_config: dict) -> SparseGradConfig:
+        found = find_targets(self.model, config.target_modules, blocks=config.blocks)  # clear errors first
+        if config.blocks is not None:
+            config.target_modules = list(found)
+        elif config.target_modules is None:
+            config.target_modules = DEFAULT_TARGETS[model_config["model_type"]]
+        return config
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        # While the adapter's layers are built: its bases (None: zeros until an adapter's saved rows
+        # arrive), converted once per device and dtype, and the zero placeholders.
+        config = self.peft_config[adapter_name]
+        bases = None
+        if isinstance(config.bases, str) and not os.path.isfile(config.bases):
+            if not config.embed_bases:
+                raise FileNotFoundError(f"the adapter refers to the bases file {config.bases}, which is missing: "
+                                        "pass its path as bases=... (the file written by Bases.save)")
+            # an adapter being loaded carries the basis rows it uses: the file is not needed
+        else:
+            bases = config.resolve_bases()
+        self._building = (bases, _SharedBases(), {})
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+        finally:
+            del self._building
+
+    def _create_and_replace(self, config: SparseGradConfig, adapter_name: str, target: nn.Module,
+                            target_name: str, parent: nn.Module, current_key: str, **kwargs) -> None:
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"{current_key!r} is a {type(base).__name__}: SparseGradConfig adapts nn.Linear layers "
+                            "(for GPT-2's Conv1D use sparsegrad.apply)")
+        check_plain_weight(base, current_key)
+        k = layer_k(base.in_features, base.out_features, config.density, config.n_params)
+        parts = self._layer_parts(config, current_key, base, k)
+        if isinstance(target, SparseGradLayer):
+            target.update_layer(adapter_name, k=k, mode=config.mode, **parts)
+        else:
+            layer = SparseGradLayer(target, adapter_name, k=k, mode=config.mode, **parts)
+            if adapter_name not in self.active_adapters:
+                layer.requires_grad_(False)  # an added adapter is not trainable until set_adapter
+            self._replace_module(parent, target_name, layer, target)
+
+    def _layer_parts(self, config: SparseGradConfig, key: str, base: nn.Linear, k: int) -> dict:
+        bases, shared, zeros = self._building
+        device, dtype = base.weight.device, master_dtype(base.weight.dtype)
+        d_in, d_out = base.in_features, base.out_features
+        if bases is None:  # placeholders: zero bases, the first k entries as a support
+            U, V = (zeros.setdefault((d, device, dtype), torch.zeros(d, d, device=device, dtype=dtype))
+                    for d in (d_in, d_out))
+            flat = torch.arange(k, device=device)
+            return {"U": U, "V": V, "support": (flat // d_out, flat % d_out), "placeholder": True}
+        U, V = (shared.get(b, device, dtype) for b in bases.for_layer(key))
+        parts = {"U": U, "V": V}
+        if config.mode == "fixed":
+            parts["energy"] = _energy(bases, key)
+        return parts
+
+    # ------------------------------------------------------------------ save / load (peft's hooks)
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        # keys carry the adapter name at the end; peft removes it
+        out = {}
+        linears = sparsegrad_linears(model, adapter_name)
+        for name, layer in linears.items():
+            module = model.get_submodule(name)
+            out |= {f"{name}.sparsegrad_{key}.{adapter_name}": t for key, t in module.adapter_state(adapter_name).items()}
+        if config.embed_bases:
+            groups = basis_groups({_model_key(name): layer for name, layer in linears.items()})
+            for group, layers in groups.items():
+                out |= {f"{BASES_PREFIX}{group}.{key}.{adapter_name}": t for key, t in basis_rows(layers).items()}
+        return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        state_dict = dict(state_dict)
+        embedded: dict[str, dict[str, torch.Tensor]] = {}
+        for key in [key for key in state_dict if key.startswith(BASES_PREFIX)]:
+            group, _, part = key.removeprefix(BASES_PREFIX).rpartition(".")
+            embedded.setdefault(group, {})[part] = state_dict.pop(key)
+        bases = None if embedded else config.resolve_bases()
+        out, converted = {}, {}
+        for name, layer in sparsegrad_linears(model, adapter_name).items():
+            saved = PEFT_PREFIX + _model_key(name)
+            if f"{saved}.sparsegrad_values" not in state_dict:
+                continue
+            out |= {f"{name}.sparsegrad_{key}.{adapter_name}": state_dict.pop(f"{saved}.sparsegrad_{key}")
+                    for key in ENTRY_KEYS}
+            if embedded:
+                group = embedded[basis_group_of(_model_key(name), embedded)]
+                pair = tuple(full_basis(group[side], group[f"{side}_index"], d)
+                             for side, d in (("U", layer.in_features), ("V", layer.out_features)))
+                key = id(group)
+            elif bases is not None:
+                pair = bases.for_layer(_model_key(name))
+                key = tuple(map(id, pair))
+            else:
+                raise ValueError("this SparseGrad adapter holds no basis rows and its config names no bases file: "
+                                 "pass bases='<bases file>' to SparseGradConfig.from_pretrained, or save the "
+                                 "adapter with embed_bases=True")
+            if key not in converted:  # one tensor per basis, shared by its layers
+                converted[key] = tuple(b.to(layer.U.device, layer.U.dtype).contiguous() for b in pair)
+            out |= dict(zip((f"{name}.sparsegrad_{side}.{adapter_name}" for side in BASIS_KEYS), converted[key]))
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict) | out
+
+
+def _model_key(name: str) -> str:
+    """A module's name in the adapted model itself (what the bases and the targets name)."""
+    return name.removeprefix(PEFT_PREFIX)
+
+
+def _energy(bases: Bases, key: str) -> torch.Tensor:
+    energy = bases.energy.get(key)
+    if energy is None:
+        raise ValueError(f"mode='fixed' chooses its support from the bases' energy, and the bases hold none for "
+                         f"{key!r}: compute them with with_energy=True")
+    return energy
+
+
+def fill_bases(model: nn.Module, bases: Bases, adapter_name: str = "default") -> None:
+    """Give the adapter's layers their bases and (fixed) their support; S stays zero."""
+    shared = _SharedBases()
+    for name, inner in sparsegrad_linears(model, adapter_name).items():
+        key = _model_key(name)
+        U, V = (shared.get(b, inner.U.device, inner.U.dtype) for b in bases.for_layer(key))
+        support = topk_support(_energy(bases, key).to(U.device), inner.k) if inner.mode == "fixed" else None
+        model.get_submodule(name).set_bases(adapter_name, U, V, support)
+
+
+def compute_adapter_bases(model: nn.Module, batches, n_steps: int, adapter_name: str = "default",
+                          **kwargs) -> Bases:
+    """The preliminary phase on a peft model whose SparseGrad adapter awaits its bases (built without
+    them): backpropagate `n_steps` batches through the base model (adapters disabled), then give the
+    adapter's layers the bases and their support. Returns the bases (save them with ``.save``)."""
+    linears = sparsegrad_linears(model, adapter_name)
+    if not linears:
+        raise ValueError(f"the model holds no SparseGrad adapter named {adapter_name!r}")
+    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    targets = [_model_key(name) for name in linears]
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else _disabled(model):
+        bases = compute_bases(base_model, batches, n_steps, targets=targets, **kwargs)
+    fill_bases(model, bases, adapter_name)
+    return bases
+
+
+class _disabled:
+    """disable_adapter() for a model injected without a PeftModel around it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, SparseGradLayer)]
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.enable_adapters(False)
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.enable_adapters(True)

@@ -1,0 +1,55 @@
+"""SparseGradCallback: SparseGrad inside a Hugging Face Trainer (or TRL's SFTTrainer).
+
+    model = get_peft_model(model, SparseGradConfig(density=0.01))      # no bases yet
+    trainer = Trainer(model, args, train_dataset=..., callbacks=[SparseGradCallback(n_steps=10)])
+    trainer.train()
+
+Before the first step the callback runs the preliminary phase on the Trainer's own dataloader
+(the base model, adapters disabled) and gives the adapter its bases and support; the trained
+parameters stay the same objects, so the optimizer the Trainer already built trains them.
+
+`dynamic` takes its top-k of the complete gradient (summed over gradient accumulation and, in
+data parallelism, reduced over processes): the layers keep the dense transformed gradient and the
+callback cuts it to the top-k just before the optimizer step (after the Trainer's clipping, which
+so sees the complete gradient). The sparse gradient then needs a sparse-aware optimizer:
+``Trainer(..., optimizers=(sparsegrad.optimizer(model, lr), None))``.
+"""
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from ..model import defer_topk, sparsify_gradients
+from .layer import SparseGradLayer
+
+
+class SparseGradCallback(TrainerCallback):
+    """Preliminary phase from the Trainer's dataloader; dynamic's top-k before each optimizer step.
+
+    Args:
+        n_steps: batches backpropagated in the preliminary phase (the paper's n_steps).
+        adapter_name: the SparseGrad adapter to prepare.
+        bases_file: also save the bases there (``Bases.save``), e.g. to reference them from adapters.
+        bases_kwargs: passed on to ``sparsegrad.compute_bases`` (group_by, eigh_dtype, ...).
+    """
+
+    def __init__(self, n_steps: int = 10, adapter_name: str = "default", bases_file: str | None = None,
+                 **bases_kwargs) -> None:
+        self.n_steps, self.adapter_name, self.bases_file = n_steps, adapter_name, bases_file
+        self.bases_kwargs = {"progress": False} | bases_kwargs
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        from .model import compute_adapter_bases
+
+        layers = [m for m in model.modules() if isinstance(m, SparseGradLayer)]
+        if not layers:
+            raise ValueError("SparseGradCallback: the Trainer's model holds no SparseGrad adapter: "
+                             "wrap it with get_peft_model(model, SparseGradConfig(...)) first")
+        if any(m.sparsegrad_layer[self.adapter_name].placeholder for m in layers):  # not when resumed
+            bases = compute_adapter_bases(model, train_dataloader, self.n_steps, self.adapter_name,
+                                          **self.bases_kwargs)
+            if self.bases_file is not None:
+                bases.save(self.bases_file)
+        defer_topk(model)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        sparsify_gradients(model)  # dynamic: the top-k of the complete gradient; fixed: nothing to cut
