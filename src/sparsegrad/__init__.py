@@ -6,6 +6,9 @@
     ...train...
     sparsegrad.merge(model)                                         # back to plain nn.Linear
 
+As a peft method: ``get_peft_model(model, sparsegrad.SparseGradConfig(bases=bases))`` (the
+`sparsegrad.tuner` package, which needs peft; imported on first use).
+
 This package is the method alone (torch, safetensors, transformers). The fine-tuning recipes --
 tasks, the training loop, the command line -- are `sparsegrad.recipes` (the `recipes` extra).
 """
@@ -18,6 +21,16 @@ from .optim import SparseAdamW, clip_grad_norm_, optimizer
 from .targets import DEFAULT_TARGETS, find_targets
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # the peft integration (sparsegrad.tuner) imports peft: only when asked for
+    if name in ("SparseGradConfig", "SparseGradCallback"):
+        from . import tuner
+
+        return getattr(tuner, name)
+    raise AttributeError(f"module 'sparsegrad' has no attribute {name!r}")
+
 
 __all__ = [
     "DEFAULT_TARGETS",

@@ -9,7 +9,7 @@ import torch
 
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("sparsegrad", "torch", "transformers", "peft", "accelerate", "safetensors"):
+    for pkg in ("sparsegrad-ft", "torch", "transformers", "peft", "accelerate", "safetensors"):
         try:
             out[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:

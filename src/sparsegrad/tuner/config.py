@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from peft.config import PeftConfig
 
@@ -49,16 +48,16 @@ class SparseGradConfig(PeftConfig):
         modules_to_save: other modules trained whole and saved (a task head, ...).
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None, metadata={"help": "MLP linears to adapt (default: the architecture's)"})
-    blocks: Optional[Union[list[int], str]] = field(default=None, metadata={"help": "blocks to adapt"})
-    density: Optional[float] = field(default=None, metadata={"help": "share of each layer's entries trained"})
-    n_params: Optional[int] = field(default=None, metadata={"help": "entries trained per layer"})
+    blocks: list[int] | str | None = field(default=None, metadata={"help": "blocks to adapt"})
+    density: float | None = field(default=None, metadata={"help": "share of each layer's entries trained"})
+    n_params: int | None = field(default=None, metadata={"help": "entries trained per layer"})
     mode: str = field(default="fixed", metadata={"help": "'fixed' or 'dynamic'"})
-    bases: Optional[Union[str, Bases]] = field(default=None, metadata={"help": "Bases object or bases file"})
-    bases_sha256: Optional[str] = field(default=None, metadata={"help": "of the bases file (set on save)"})
+    bases: str | Bases | None = field(default=None, metadata={"help": "Bases object or bases file"})
+    bases_sha256: str | None = field(default=None, metadata={"help": "of the bases file (set on save)"})
     embed_bases: bool = field(default=True, metadata={"help": "save the basis rows in the adapter"})
-    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "modules trained whole"})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "modules trained whole"})
 
     def __post_init__(self) -> None:
         super().__post_init__()

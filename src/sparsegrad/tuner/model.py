@@ -104,9 +104,9 @@ class SparseGradModel(BaseTuner):
         # keys carry the adapter name at the end; peft removes it
         out = {}
         linears = sparsegrad_linears(model, adapter_name)
-        for name, layer in linears.items():
-            module = model.get_submodule(name)
-            out |= {f"{name}.sparsegrad_{key}.{adapter_name}": t for key, t in module.adapter_state(adapter_name).items()}
+        for name in linears:
+            state = model.get_submodule(name).adapter_state(adapter_name)
+            out |= {f"{name}.sparsegrad_{key}.{adapter_name}": t for key, t in state.items()}
         if config.embed_bases:
             groups = basis_groups({_model_key(name): layer for name, layer in linears.items()})
             for group, layers in groups.items():
