@@ -61,7 +61,8 @@ def _convert_shared(basis: torch.Tensor, fn) -> torch.Tensor:
     entry = _CONVERTED_BASES.get(id(basis))
     if entry is None or entry[0]() is not basis or entry[1] is not fn:
         key = id(basis)
-        ref = weakref.ref(basis, lambda _, key=key: _CONVERTED_BASES.pop(key, None))
+        # the table bound now: at interpreter exit the module's globals may already be gone
+        ref = weakref.ref(basis, lambda _, key=key, table=_CONVERTED_BASES: table.pop(key, None))
         entry = _CONVERTED_BASES[key] = (ref, fn, _keep_precision(fn, basis))
     return entry[2]
 

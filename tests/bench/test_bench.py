@@ -182,3 +182,25 @@ def test_fold_cost_is_measured_per_dtype(mode):
     bf16 = layer_bench.measure_fold({**spec, "dtype": "bfloat16"})
     assert f32["fold_s"] > 0 and bf16["fold_s"] > 0 and f32["w0_kept_share"] is None
     assert 0 <= bf16["w0_kept_share"] < 0.05
+
+
+def test_adapter_bench_sizes_and_reproduction(tiny_llama_dir, chat_file, tmp_path, capsys):
+    """The peft adapter's sizes against LoRA from the same run, each form read back onto a fresh model."""
+    out = tmp_path / "adapter"
+    argv = ["bench", "adapter", "--data", str(chat_file), "--model", str(tiny_llama_dir), "--targets", "up_proj",
+            "down_proj", "--blocks", "all", "--density", "0.1", "--bases-steps", "1", "--steps", "2",
+            "--batch-size", "4", "--output-dir", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / "adapter.json").read_text())
+    rows = {r["form"]: r for r in result["rows"]}
+    lora = next(r for form, r in rows.items() if form.startswith("lora"))
+    assert lora["x_lora"] == 1.0
+    for mode in ("fixed", "dynamic"):
+        embedded = rows[f"sparsegrad-{mode}, bases embedded"]
+        reference = rows[f"sparsegrad-{mode}, bases by reference"]
+        assert reference["bytes"] < embedded["bytes"]
+        assert embedded["max_logit_diff"] < 1e-4 and reference["max_logit_diff"] < 1e-4
+        probe = result["probes"][mode]
+        assert probe["float16_rows_bytes"] < embedded["bytes"]
+        assert all(0 < n <= d for n, d in probe["basis_rows"].values())
+    assert "bases by reference" in capsys.readouterr().out

@@ -189,3 +189,41 @@ def test_two_adapters_switch(tiny_llama_dir, chat_batches, bases):
     model.delete_adapter("default")
     model.set_adapter("other")
     assert torch.allclose(_logits(model, chat_batches[0]), other, rtol=0, atol=1e-10)
+
+
+def test_dynamic_adapter_trains_on_with_its_bases_file(tiny_llama_dir, chat_batches, bases, tmp_path):
+    """A dynamic adapter chooses new entries anywhere: reloaded with only its embedded rows it refuses
+    to train (clearly); with the bases file named in its config it trains on as the original."""
+    bases_file = tmp_path / "bases.safetensors"
+    bases.save(bases_file)
+    original = _train(get_peft_model(_model(tiny_llama_dir), SparseGradConfig(bases=bases, density=0.1,
+                                                                               mode="dynamic")), chat_batches[2:4])
+    original.save_pretrained(tmp_path / "adapter")
+    partial = PeftModel.from_pretrained(_model(tiny_llama_dir), tmp_path / "adapter", is_trainable=True)
+    with pytest.raises(RuntimeError, match="only the basis rows"):
+        _train(partial, chat_batches[4:])
+    config = SparseGradConfig.from_pretrained(tmp_path / "adapter")
+    config.bases = str(bases_file)
+    reloaded = PeftModel.from_pretrained(_model(tiny_llama_dir), tmp_path / "adapter", config=config,
+                                         is_trainable=True)
+    _train(original, chat_batches[4:])
+    _train(reloaded, chat_batches[4:])
+    assert torch.allclose(_logits(reloaded, chat_batches[0]), _logits(original, chat_batches[0]), rtol=0, atol=1e-9)
+    other = sparsegrad.Bases({k: -u for k, u in bases.U.items()}, bases.V, bases.layers, bases.energy)
+    other.save(tmp_path / "other.safetensors")
+    config.bases = str(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="basis rows differ"):
+        PeftModel.from_pretrained(_model(tiny_llama_dir), tmp_path / "adapter", config=config)
+
+
+def test_registered_in_peft_and_refused_on_a_peft_that_does_not_fit(monkeypatch):
+    from peft import mapping
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from sparsegrad import tuner
+
+    assert sparsegrad.SparseGradConfig is SparseGradConfig  # the top-level name imports the tuner on first use
+    assert mapping.PEFT_TYPE_TO_TUNER_MAPPING["SPARSEGRAD"] is tuner.SparseGradModel
+    monkeypatch.delattr(BaseTuner, "_remap_adapter_state_dict_for_load")
+    with pytest.raises(ImportError, match=r"needs peft>=0.21,<0.22.*_remap_adapter_state_dict_for_load"):
+        tuner._register()

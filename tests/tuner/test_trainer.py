@@ -23,7 +23,7 @@ def _logits(model, batch) -> torch.Tensor:
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
-def _trainer(folder, data, out, mode="fixed", max_steps=6, **kwargs):
+def _trainer(folder, data, out, mode="fixed", max_steps=6, bases_file=None, **kwargs):
     tok = AutoTokenizer.from_pretrained(folder)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder), SparseGradConfig(density=0.1, mode=mode))
     args = TrainingArguments(output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=8,
@@ -31,7 +31,7 @@ def _trainer(folder, data, out, mode="fixed", max_steps=6, **kwargs):
                              report_to=[], use_cpu=True, seed=0, data_seed=0, **kwargs)
     optimizers = (sparsegrad.optimizer(model, lr=1e-2), None) if mode == "dynamic" else (None, None)
     return Trainer(model=model, args=args, train_dataset=data, data_collator=Collator(tok),
-                   callbacks=[SparseGradCallback(n_steps=2)], optimizers=optimizers)
+                   callbacks=[SparseGradCallback(n_steps=2, bases_file=bases_file)], optimizers=optimizers)
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +50,16 @@ def test_trainer_learns_and_its_checkpoint_reloads(tiny_llama_dir, chat_data, tm
     assert torch.allclose(_logits(reloaded, batch), _logits(trainer.model, batch), rtol=0, atol=1e-5)
 
 
-def test_trainer_resumes_to_the_uninterrupted_result(tiny_llama_dir, chat_data, tmp_path):
-    whole = _trainer(tiny_llama_dir, chat_data, tmp_path / "whole")
+@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
+def test_trainer_resumes_to_the_uninterrupted_result(tiny_llama_dir, chat_data, tmp_path, mode):
+    """dynamic resumes with the whole bases: the callback saves them and the adapter names the file."""
+    bases_file = str(tmp_path / "bases.safetensors") if mode == "dynamic" else None
+    whole = _trainer(tiny_llama_dir, chat_data, tmp_path / "whole", mode)
     whole.train()
-    cut = _trainer(tiny_llama_dir, chat_data, tmp_path / "cut", max_steps=6)
+    cut = _trainer(tiny_llama_dir, chat_data, tmp_path / "cut", mode, bases_file=bases_file)
     cut.args.max_steps = 3
     cut.train()  # stops after writing checkpoint-3
-    resumed = _trainer(tiny_llama_dir, chat_data, tmp_path / "cut")
+    resumed = _trainer(tiny_llama_dir, chat_data, tmp_path / "cut", mode, bases_file=bases_file)
     resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-3"))
     batch = Collator(AutoTokenizer.from_pretrained(tiny_llama_dir))(chat_data[:8])
     assert torch.allclose(_logits(resumed.model, batch), _logits(whole.model, batch), rtol=0, atol=1e-5)

@@ -6,6 +6,7 @@
     bases   the preliminary phase: streaming Gram sums against unfold-and-SVD
     glue    methods x GLUE tasks x seeds and the sparsity ablation (Tables 4, 11, 12)
     chat    instruction tuning of the embedded decoder per method (Table 6)
+    adapter the peft adapter's size, bases embedded or by reference, against LoRA
     report  docs/results.md and the pictures, from the JSON the others wrote
 
 They build on the library and the recipes; neither imports them.
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 
-from . import bases, chat, glue, layer, llm, report, speed
+from . import adapter, bases, chat, glue, layer, llm, report, speed
 
-BENCHES = {"layer": layer, "speed": speed, "llm": llm, "bases": bases, "glue": glue, "chat": chat, "report": report}
+BENCHES = {"layer": layer, "speed": speed, "llm": llm, "bases": bases, "glue": glue, "chat": chat,
+           "adapter": adapter, "report": report}
 
 
 def add_bench_commands(parser: argparse.ArgumentParser) -> None:

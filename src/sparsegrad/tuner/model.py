@@ -53,7 +53,7 @@ class SparseGradModel(BaseTuner):
         # arrive), converted once per device and dtype, and the zero placeholders.
         config = self.peft_config[adapter_name]
         bases = None
-        if isinstance(config.bases, str) and not os.path.isfile(config.bases):
+        if isinstance(config.bases, str) and not _is_file(config.bases):
             if not config.embed_bases:
                 raise FileNotFoundError(f"the adapter refers to the bases file {config.bases}, which is missing: "
                                         "pass its path as bases=... (the file written by Bases.save)")
@@ -120,7 +120,8 @@ class SparseGradModel(BaseTuner):
         for key in [key for key in state_dict if key.startswith(BASES_PREFIX)]:
             group, _, part = key.removeprefix(BASES_PREFIX).rpartition(".")
             embedded.setdefault(group, {})[part] = state_dict.pop(key)
-        bases = None if embedded else config.resolve_bases()
+        # the whole bases where the config names their file (a dynamic adapter that trains on needs them)
+        bases = config.resolve_bases() if not embedded or _is_file(config.bases) else None
         out, converted = {}, {}
         for name, layer in sparsegrad_linears(model, adapter_name).items():
             saved = PEFT_PREFIX + _model_key(name)
@@ -128,14 +129,17 @@ class SparseGradModel(BaseTuner):
                 continue
             out |= {f"{name}.sparsegrad_{key}.{adapter_name}": state_dict.pop(f"{saved}.sparsegrad_{key}")
                     for key in ENTRY_KEYS}
-            if embedded:
+            if bases is not None:
+                pair = bases.for_layer(_model_key(name))
+                key = tuple(map(id, pair))
+                if embedded and key not in converted:
+                    _check_rows(embedded[basis_group_of(_model_key(name), embedded)], pair, layer.U.dtype,
+                                config.bases)
+            elif embedded:
                 group = embedded[basis_group_of(_model_key(name), embedded)]
                 pair = tuple(full_basis(group[side], group[f"{side}_index"], d)
                              for side, d in (("U", layer.in_features), ("V", layer.out_features)))
                 key = id(group)
-            elif bases is not None:
-                pair = bases.for_layer(_model_key(name))
-                key = tuple(map(id, pair))
             else:
                 raise ValueError("this SparseGrad adapter holds no basis rows and its config names no bases file: "
                                  "pass bases='<bases file>' to SparseGradConfig.from_pretrained, or save the "
@@ -144,6 +148,20 @@ class SparseGradModel(BaseTuner):
                 converted[key] = tuple(b.to(layer.U.device, layer.U.dtype).contiguous() for b in pair)
             out |= dict(zip((f"{name}.sparsegrad_{side}.{adapter_name}" for side in BASIS_KEYS), converted[key]))
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict) | out
+
+
+def _is_file(path) -> bool:
+    return isinstance(path, str) and os.path.isfile(path)
+
+
+def _check_rows(group: dict[str, torch.Tensor], pair: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype,
+                path: str) -> None:
+    """The bases file must give the very rows the adapter embeds (in the dtype the layers use)."""
+    for side, basis in zip(("U", "V"), pair):
+        rows = basis.index_select(0, group[f"{side}_index"].long().to(basis.device))
+        if not torch.equal(rows.to(dtype).cpu(), group[side].to(dtype)):
+            raise ValueError(f"{path} is not the bases file this adapter was trained with (its basis rows differ "
+                             "from those the adapter embeds)")
 
 
 def _model_key(name: str) -> str:
@@ -171,30 +189,15 @@ def fill_bases(model: nn.Module, bases: Bases, adapter_name: str = "default") ->
 
 def compute_adapter_bases(model: nn.Module, batches, n_steps: int, adapter_name: str = "default",
                           **kwargs) -> Bases:
-    """The preliminary phase on a peft model whose SparseGrad adapter awaits its bases (built without
+    """The preliminary phase on a PeftModel whose SparseGrad adapter awaits its bases (built without
     them): backpropagate `n_steps` batches through the base model (adapters disabled), then give the
     adapter's layers the bases and their support. Returns the bases (save them with ``.save``)."""
     linears = sparsegrad_linears(model, adapter_name)
-    if not linears:
-        raise ValueError(f"the model holds no SparseGrad adapter named {adapter_name!r}")
-    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not hasattr(model, "disable_adapter") or not linears:
+        raise ValueError(f"compute_adapter_bases takes a PeftModel holding the SparseGrad adapter {adapter_name!r} "
+                         "(get_peft_model(model, SparseGradConfig(...)))")
     targets = [_model_key(name) for name in linears]
-    with model.disable_adapter() if hasattr(model, "disable_adapter") else _disabled(model):
-        bases = compute_bases(base_model, batches, n_steps, targets=targets, **kwargs)
+    with model.disable_adapter():
+        bases = compute_bases(model.get_base_model(), batches, n_steps, targets=targets, **kwargs)
     fill_bases(model, bases, adapter_name)
     return bases
-
-
-class _disabled:
-    """disable_adapter() for a model injected without a PeftModel around it."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, SparseGradLayer)]
-
-    def __enter__(self):
-        for layer in self.layers:
-            layer.enable_adapters(False)
-
-    def __exit__(self, *exc):
-        for layer in self.layers:
-            layer.enable_adapters(True)

@@ -1,5 +1,8 @@
 """SparseGradCallback: SparseGrad inside a Hugging Face Trainer (or TRL's SFTTrainer).
 
+Works on a peft model (``get_peft_model(model, SparseGradConfig(...))``) and on one converted by
+``sparsegrad.apply`` (then only the top-k timing below applies: the bases are already there).
+
     model = get_peft_model(model, SparseGradConfig(density=0.01))      # no bases yet
     trainer = Trainer(model, args, train_dataset=..., callbacks=[SparseGradCallback(n_steps=10)])
     trainer.train()
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
-from ..model import defer_topk, sparsify_gradients
+from ..model import defer_topk, sparse_layers, sparsify_gradients
 from .layer import SparseGradLayer
 
 
@@ -28,7 +31,9 @@ class SparseGradCallback(TrainerCallback):
     Args:
         n_steps: batches backpropagated in the preliminary phase (the paper's n_steps).
         adapter_name: the SparseGrad adapter to prepare.
-        bases_file: also save the bases there (``Bases.save``), e.g. to reference them from adapters.
+        bases_file: also save the bases there (``Bases.save``) and name that file in the adapter's
+            config: checkpoints then reload with the whole bases, which `dynamic` needs to train on
+            after a resume.
         bases_kwargs: passed on to ``sparsegrad.compute_bases`` (group_by, eigh_dtype, ...).
     """
 
@@ -41,14 +46,15 @@ class SparseGradCallback(TrainerCallback):
         from .model import compute_adapter_bases
 
         layers = [m for m in model.modules() if isinstance(m, SparseGradLayer)]
-        if not layers:
-            raise ValueError("SparseGradCallback: the Trainer's model holds no SparseGrad adapter: "
-                             "wrap it with get_peft_model(model, SparseGradConfig(...)) first")
+        if not layers and not sparse_layers(model):
+            raise ValueError("SparseGradCallback: the Trainer's model holds no SparseGrad layer: wrap it with "
+                             "get_peft_model(model, SparseGradConfig(...)) (or sparsegrad.apply) first")
         if any(m.sparsegrad_layer[self.adapter_name].placeholder for m in layers):  # not when resumed
             bases = compute_adapter_bases(model, train_dataloader, self.n_steps, self.adapter_name,
                                           **self.bases_kwargs)
-            if self.bases_file is not None:
+            if self.bases_file is not None:  # and the adapter names it: resuming `dynamic` needs the whole bases
                 bases.save(self.bases_file)
+                model.peft_config[self.adapter_name].bases = str(self.bases_file)
         defer_topk(model)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
