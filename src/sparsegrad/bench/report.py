@@ -434,12 +434,18 @@ def _adapter_section(a: dict | None) -> list[str]:
              f"{m.get('data', 'chat data')}; LoRA at the matched rank written in the same run. The logit "
              "difference is float32 rounding (training folds each step, loading folds the sum once). "
              "`dynamic` stores every entry any step trained, so its adapter grows with the steps.")
+    embedded = {r["form"].split(",")[0].removeprefix("sparsegrad-"): r for r in a["rows"] if "embedded" in r["form"]}
+    probes = a["probes"]
+    zlib_saved = [1 - min(p["zlib_bytes"], p["zlib_byte_planes_bytes"]) / embedded[m]["bytes"] for m, p in probes.items()]
+    half_saved = [1 - p["float16_rows_bytes"] / embedded[m]["bytes"] for m, p in probes.items()]
+    half_error = [p["float16_rows_max_logit_diff"] / embedded[m]["max_logit_diff"] for m, p in probes.items()]
     reading = ("What the numbers show: the embedded bases are most of the file; the form that reproduces the "
-               "model and is small is the reference to one bases file (shared by every adapter trained from "
-               "it). Generic lossless compression of the embedded file saves 13-20% (and peft reads plain "
-               "safetensors); float16 basis rows save ~40% of the fixed adapter but double the reload error, "
-               "so they are not offered. What they do not show: sizes at 7B shapes (the bases grow as d^2 "
-               "per role, the entries as the layers).")
+               "model and is small is the reference to one bases file (shared by every adapter trained from it). "
+               f"Generic lossless compression of the embedded file saves {min(zlib_saved):.0%}-{max(zlib_saved):.0%} "
+               "(and peft reads plain safetensors); float16 basis rows save "
+               f"{min(half_saved):.0%}-{max(half_saved):.0%} but raise the reload error "
+               f"{min(half_error):.1f}-{max(half_error):.1f}x, so they are not offered. What they do not show: "
+               "sizes at 7B shapes (the bases grow as d^2 per role, the entries with the layers).")
     return ["## Adapter sizes (peft format)", "", setup, "", adapter_bench.markdown(a), "", reading, ""]
 
 

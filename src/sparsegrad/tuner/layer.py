@@ -45,6 +45,7 @@ class SparseGradLayer(nn.Module, BaseTunerLayer):
         inner = layer_class(mode).from_linear(self.base_layer, k=k, U=U, V=V, borrow=True, **extra)
         inner.unfold()
         inner.placeholder = placeholder
+        inner.partial_bases = False  # loaded with only the basis rows its entries use (see _load_from_state_dict)
         self.sparsegrad_layer[adapter_name] = inner
         self.set_adapter(self.active_adapters)
 
@@ -82,11 +83,21 @@ class SparseGradLayer(nn.Module, BaseTunerLayer):
         self._place()
 
     def set_bases(self, adapter_name: str, U: torch.Tensor, V: torch.Tensor, support=None) -> None:
-        """Give a placeholder adapter its bases (and, fixed, its support); S stays zero."""
+        """Give an adapter its whole bases. A placeholder also gets its support (fixed) and S stays zero;
+        a loaded adapter keeps its entries, and the bases must hold the very rows it was loaded with."""
         inner = self.sparsegrad_layer[adapter_name]
-        rows, cols = support if support is not None else inner.trained_entries()[:2]
-        inner.load_trained(rows, cols, torch.zeros(rows.numel()), U=U, V=V)
-        inner.placeholder = False
+        if inner.placeholder:
+            rows, cols = support if support is not None else inner.trained_entries()[:2]
+            values = torch.zeros(rows.numel())
+        else:
+            rows, cols, values = inner.trained_entries()
+            values = values.clone()
+            for side, basis, index in (("U", U, rows), ("V", V, cols)):
+                if not torch.equal(basis.index_select(0, index), getattr(inner, side).index_select(0, index)):
+                    raise ValueError(f"these bases are not the ones the adapter {adapter_name!r} was trained with "
+                                     f"(rows of {side} differ)")
+        inner.load_trained(rows, cols, values, U=U, V=V)
+        inner.placeholder = inner.partial_bases = False
 
     # ------------------------------------------------------------------ merge
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
@@ -126,8 +137,7 @@ class SparseGradLayer(nn.Module, BaseTunerLayer):
                 f"the SparseGrad adapter {running!r} has no bases yet: pass bases=sparsegrad.compute_bases(...) "
                 "(or a saved bases file) to SparseGradConfig, load a saved adapter with PeftModel.from_pretrained, "
                 "or train with sparsegrad.tuner.SparseGradCallback")
-        if (inner.mode == "dynamic" and getattr(inner, "partial_bases", False) and inner.trainable.requires_grad
-                and torch.is_grad_enabled()):
+        if inner.mode == "dynamic" and inner.partial_bases and inner.trainable.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(
                 f"the adapter {running!r} was loaded with only the basis rows its entries use, and the dynamic "
                 "mode chooses new entries anywhere: to go on training it, load it with bases='<bases file>' "

@@ -178,12 +178,14 @@ def _energy(bases: Bases, key: str) -> torch.Tensor:
 
 
 def fill_bases(model: nn.Module, bases: Bases, adapter_name: str = "default") -> None:
-    """Give the adapter's layers their bases and (fixed) their support; S stays zero."""
+    """Give the adapter's layers their whole bases: those waiting for them also their support (fixed;
+    S stays zero), those loaded with only the rows their entries use keep their entries."""
     shared = _SharedBases()
     for name, inner in sparsegrad_linears(model, adapter_name).items():
         key = _model_key(name)
         U, V = (shared.get(b, inner.U.device, inner.U.dtype) for b in bases.for_layer(key))
-        support = topk_support(_energy(bases, key).to(U.device), inner.k) if inner.mode == "fixed" else None
+        fixed_support = inner.placeholder and inner.mode == "fixed"
+        support = topk_support(_energy(bases, key).to(U.device), inner.k) if fixed_support else None
         model.get_submodule(name).set_bases(adapter_name, U, V, support)
 
 

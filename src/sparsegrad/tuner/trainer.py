@@ -31,9 +31,8 @@ class SparseGradCallback(TrainerCallback):
     Args:
         n_steps: batches backpropagated in the preliminary phase (the paper's n_steps).
         adapter_name: the SparseGrad adapter to prepare.
-        bases_file: also save the bases there (``Bases.save``) and name that file in the adapter's
-            config: checkpoints then reload with the whole bases, which `dynamic` needs to train on
-            after a resume.
+        bases_file: save the bases there (``Bases.save``) and name the file in the adapter's config;
+            on a resume, give the adapter the whole bases from it (`dynamic` needs them to train on).
         bases_kwargs: passed on to ``sparsegrad.compute_bases`` (group_by, eigh_dtype, ...).
     """
 
@@ -43,18 +42,23 @@ class SparseGradCallback(TrainerCallback):
         self.bases_kwargs = {"progress": False} | bases_kwargs
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        from .model import compute_adapter_bases
+        from ..basis import Bases
+        from .model import compute_adapter_bases, fill_bases
 
-        layers = [m for m in model.modules() if isinstance(m, SparseGradLayer)]
+        layers = [m.sparsegrad_layer[self.adapter_name] for m in model.modules() if isinstance(m, SparseGradLayer)]
         if not layers and not sparse_layers(model):
             raise ValueError("SparseGradCallback: the Trainer's model holds no SparseGrad layer: wrap it with "
                              "get_peft_model(model, SparseGradConfig(...)) (or sparsegrad.apply) first")
-        if any(m.sparsegrad_layer[self.adapter_name].placeholder for m in layers):  # not when resumed
+        if any(inner.placeholder for inner in layers):  # a fresh adapter: the preliminary phase
             bases = compute_adapter_bases(model, train_dataloader, self.n_steps, self.adapter_name,
                                           **self.bases_kwargs)
-            if self.bases_file is not None:  # and the adapter names it: resuming `dynamic` needs the whole bases
+            if self.bases_file is not None:
                 bases.save(self.bases_file)
-                model.peft_config[self.adapter_name].bases = str(self.bases_file)
+        elif self.bases_file is not None and any(inner.partial_bases for inner in layers):
+            # resumed from a checkpoint that embeds only the rows its entries use: `dynamic` needs them whole
+            fill_bases(model, Bases.load(self.bases_file), self.adapter_name)
+        if self.bases_file is not None:  # checkpoints name the file
+            model.peft_config[self.adapter_name].bases = str(self.bases_file)
         defer_topk(model)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
