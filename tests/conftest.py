@@ -121,3 +121,16 @@ def oasst_file():
     if not path.is_file():
         pytest.skip(f"real conversation data not found at {path} (it ships in ../shared/chat beside the repository)")
     return path
+
+
+@pytest.fixture(scope="session")
+def chat_batches(tiny_llama_dir, chat_file):
+    """Six batches of 8 encoded conversations for the tiny decoder."""
+    from transformers import AutoTokenizer
+
+    from sparsegrad.recipes.chat import Collator, encode, read_jsonl
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    encoded = encode(tok, read_jsonl(chat_file), 128)
+    collate = Collator(tok)
+    return [collate(encoded[i:i + 8]) for i in range(0, 48, 8)]

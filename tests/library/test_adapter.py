@@ -8,20 +8,11 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import sparsegrad
 from sparsegrad.adapter import load_adapter, plain_model_bytes, save_adapter
-from sparsegrad.recipes.chat import Collator, encode, read_jsonl
 from sparsegrad.recipes.methods import prepare
-
-
-@pytest.fixture(scope="module")
-def chat_batches(tiny_llama_dir, chat_file):
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    encoded = encode(tok, read_jsonl(chat_file), 128)
-    collate = Collator(tok)
-    return [collate(encoded[i:i + 8]) for i in range(0, 48, 8)]
 
 
 def _trained(tiny_llama_dir, batches, method="sparsegrad", mode="fixed", rest="none", dtype=torch.float32,

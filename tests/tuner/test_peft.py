@@ -7,19 +7,10 @@ import json
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 import sparsegrad
-from sparsegrad.recipes.chat import Collator, encode, read_jsonl
 from sparsegrad.tuner import SparseGradConfig, SparseGradLayer
-
-
-@pytest.fixture(scope="module")
-def chat_batches(tiny_llama_dir, chat_file):
-    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    encoded = encode(tok, read_jsonl(chat_file), 128)
-    collate = Collator(tok)
-    return [collate(encoded[i:i + 8]) for i in range(0, 48, 8)]
 
 
 @pytest.fixture(scope="module")
