@@ -35,6 +35,12 @@ def _trainer(folder, data, out, mode="fixed", max_steps=6, bases_file=None, **kw
 
 
 @pytest.fixture(scope="module")
+def tiny_bases(tiny_llama_dir, chat_batches):
+    return sparsegrad.compute_bases(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), chat_batches[:2], 2,
+                                    progress=False)
+
+
+@pytest.fixture(scope="module")
 def chat_data(tiny_llama_dir, chat_file):
     return encode(AutoTokenizer.from_pretrained(tiny_llama_dir), read_jsonl(chat_file), 128)
 
@@ -89,3 +95,22 @@ def test_sft_trainer_on_smollm2(oasst_file, tmp_path):
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), tmp_path / "checkpoint-2")
     assert torch.allclose(_logits(reloaded, batch), _logits(trainer.model, batch), rtol=0, atol=1e-4)
     assert not torch.allclose(_logits(reloaded, batch), _logits(AutoModelForCausalLM.from_pretrained(folder), batch))
+
+
+def test_trainer_with_a_model_converted_by_apply(tiny_llama_dir, chat_data, tiny_bases, tmp_path):
+    """The library's own conversion in the Trainer: dynamic's top-k taken by the callback before each step."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    sparsegrad.apply(model, tiny_bases, density=0.1, mode="dynamic")
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8,
+                             learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=chat_data,
+                      data_collator=Collator(AutoTokenizer.from_pretrained(tiny_llama_dir)),
+                      optimizers=(sparsegrad.optimizer(model, lr=1e-2), None), callbacks=[SparseGradCallback()])
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    for layer in sparsegrad.sparse_layers(model).values():
+        assert not layer.topk_in_backward  # deferred: cut once per step, by the callback
+        assert 0 < int(layer.delta.count_nonzero()) <= 4 * layer.k
