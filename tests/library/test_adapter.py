@@ -55,6 +55,17 @@ def test_adapter_reproduces_the_trained_model(tiny_llama_dir, chat_batches, tmp_
         assert info["bytes"] < plain_model_bytes(model) / 5
 
 
+@pytest.mark.parametrize("group_by", ["layer", "shape"])
+def test_adapter_of_bases_not_grouped_by_role(tiny_llama_dir, chat_batches, tmp_path, group_by):
+    """Each layer's basis rows are stored with the bases it holds, however the bases were grouped."""
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float64)
+    bases = sparsegrad.compute_bases(plain, chat_batches[:2], n_steps=2, group_by=group_by, progress=False)
+    model, _ = _trained(tiny_llama_dir, chat_batches, dtype=torch.float64, bases=bases)
+    save_adapter(model, tmp_path / "adapter")
+    fresh = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float64), tmp_path / "adapter")
+    assert (_logits(model, chat_batches[0]) - _logits(fresh, chat_batches[0])).abs().max() < 1e-10
+
+
 def test_bases_by_reference_are_smaller_and_checked(tiny_llama_dir, chat_batches, tmp_path):
     model, bases = _trained(tiny_llama_dir, chat_batches)
     bases.save(tmp_path / "bases.safetensors")
