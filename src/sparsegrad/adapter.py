@@ -139,10 +139,10 @@ def plain_model_bytes(model: nn.Module) -> int:
                if id(p) not in extra and "lora_" not in name)
 
 
-def _layer_basis(tensors: dict, bases, name: str, side: str, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(basis rows, their indices) for a layer: from the adapter, or all rows from the referenced bases."""
+def _layer_basis(tensors: dict, groups: set[str], bases, name: str, side: str,
+                 device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(basis rows, their indices) for a layer: from the adapter's `groups`, or all rows from the referenced bases."""
     if bases is None:
-        groups = {key.split(".", 1)[1].rsplit(".", 1)[0] for key in tensors if key.startswith("basis.")}
         group = basis_group_of(name, groups)
         return (tensors[f"basis.{group}.{side}"].to(device, torch.float64),
                 tensors[f"basis.{group}.{side}_index"].long().to(device))
@@ -163,6 +163,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
         raise ValueError(f"{folder}/{CONFIG_FILE} is not a sparsegrad adapter (format {config.get('format')!r}); "
                          "a LoRA adapter loads with peft.PeftModel.from_pretrained")
     tensors = load_file(str(folder / WEIGHTS_FILE))
+    groups = {key.split(".", 1)[1].rsplit(".", 1)[0] for key in tensors if key.startswith("basis.")}  # basis.<group>.U
     bases = None
     if config["bases"] != "embedded":
         from .basis import Bases
@@ -198,8 +199,8 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
         module = model.get_submodule(name)
         weight = linear_weight(module)  # (d_out, d_in) view of the module's weight
         device = weight.device
-        U, u_index = _layer_basis(tensors, bases, name, "U", device)
-        V, v_index = _layer_basis(tensors, bases, name, "V", device)
+        U, u_index = _layer_basis(tensors, groups, bases, name, "U", device)
+        V, v_index = _layer_basis(tensors, groups, bases, name, "V", device)
         rows = torch.searchsorted(u_index, tensors[f"{name}.rows"].long().to(device))
         cols = torch.searchsorted(v_index, tensors[f"{name}.cols"].long().to(device))
         S = torch.zeros(U.shape[0], V.shape[0], dtype=torch.float64, device=device)

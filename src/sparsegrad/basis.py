@@ -139,6 +139,14 @@ class Bases:
         key = self.layers[name]
         return self.U[key], self.V[key]
 
+    def energy_for(self, name: str) -> torch.Tensor:
+        """The layer's energy (d_in, d_out), from which the fixed mode chooses its support."""
+        energy = self.energy.get(name)
+        if energy is None:
+            raise ValueError(f"mode='fixed' chooses its support from the bases' energy, and the bases hold none for "
+                             f"{name!r}: compute them with with_energy=True")
+        return energy
+
     def save(self, path: str | os.PathLike) -> None:
         """Write to a safetensors file, atomically."""
         tensors = {f"U/{k}": u.contiguous() for k, u in self.U.items()}

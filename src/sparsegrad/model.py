@@ -88,9 +88,7 @@ def apply(
                     f"the bases for {name!r} are U {tuple(U.shape)}, V {tuple(V.shape)} but the layer is "
                     f"{d_in}->{d_out}: these bases were computed for another model; recompute them on this one"
                 )
-            energy = bases.energy.get(name) if mode == "fixed" else None
-            if mode == "fixed" and energy is None:
-                raise ValueError(f"the bases hold no energy for {name!r}; recompute them with with_energy=True")
+            energy = bases.energy_for(name) if mode == "fixed" else None
         plan[name] = (module, k, U, V, energy)
 
     cls, shared = layer_class(mode), _SharedBases()

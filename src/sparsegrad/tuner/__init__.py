@@ -21,7 +21,7 @@ from .model import SparseGradModel, compute_adapter_bases, fill_bases
 from .trainer import SparseGradCallback
 
 PEFT_RANGE = ">=0.21,<0.22"
-_NEEDED = ("_get_adapter_state_dict", "_remap_adapter_state_dict_for_load", "_pre_injection_hook")
+_NEEDED = ("_get_adapter_state_dict", "_remap_adapter_state_dict_for_load")
 _TABLES = ("PEFT_TYPE_TO_CONFIG_MAPPING", "PEFT_TYPE_TO_TUNER_MAPPING", "PEFT_TYPE_TO_PREFIX_MAPPING")
 
 

@@ -95,7 +95,7 @@ class SparseGradModel(BaseTuner):
         U, V = (shared.get(b, device, dtype) for b in bases.for_layer(key))
         parts = {"U": U, "V": V}
         if config.mode == "fixed":
-            parts["energy"] = _energy(bases, key)
+            parts["energy"] = bases.energy_for(key)
         return parts
 
     # ------------------------------------------------------------------ save / load (peft's hooks)
@@ -169,14 +169,6 @@ def _model_key(name: str) -> str:
     return name.removeprefix(PEFT_PREFIX)
 
 
-def _energy(bases: Bases, key: str) -> torch.Tensor:
-    energy = bases.energy.get(key)
-    if energy is None:
-        raise ValueError(f"mode='fixed' chooses its support from the bases' energy, and the bases hold none for "
-                         f"{key!r}: compute them with with_energy=True")
-    return energy
-
-
 def fill_bases(model: nn.Module, bases: Bases, adapter_name: str = "default") -> None:
     """Give the adapter's layers their whole bases: those waiting for them also their support (fixed;
     S stays zero), those loaded with only the rows their entries use keep their entries."""
@@ -185,7 +177,7 @@ def fill_bases(model: nn.Module, bases: Bases, adapter_name: str = "default") ->
         key = _model_key(name)
         U, V = (shared.get(b, inner.U.device, inner.U.dtype) for b in bases.for_layer(key))
         fixed_support = inner.placeholder and inner.mode == "fixed"
-        support = topk_support(_energy(bases, key).to(U.device), inner.k) if fixed_support else None
+        support = topk_support(bases.energy_for(key).to(U.device), inner.k) if fixed_support else None
         model.get_submodule(name).set_bases(adapter_name, U, V, support)
 
 

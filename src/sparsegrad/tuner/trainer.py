@@ -21,8 +21,10 @@ from __future__ import annotations
 
 from transformers import TrainerCallback
 
+from ..basis import Bases
 from ..model import defer_topk, sparse_layers, sparsify_gradients
 from .layer import SparseGradLayer
+from .model import compute_adapter_bases, fill_bases
 
 
 class SparseGradCallback(TrainerCallback):
@@ -42,9 +44,6 @@ class SparseGradCallback(TrainerCallback):
         self.bases_kwargs = {"progress": False} | bases_kwargs
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
-        from ..basis import Bases
-        from .model import compute_adapter_bases, fill_bases
-
         layers = [m.sparsegrad_layer[self.adapter_name] for m in model.modules() if isinstance(m, SparseGradLayer)]
         if not layers and not sparse_layers(model):
             raise ValueError("SparseGradCallback: the Trainer's model holds no SparseGrad layer: wrap it with "
