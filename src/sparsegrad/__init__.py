@@ -6,6 +6,8 @@
     ...train...
     sparsegrad.merge(model)                                         # back to plain nn.Linear
 
+Sharded over processes with FSDP2: ``sparsegrad.shard(model)`` after apply (see sharding.py).
+
 As a peft method: ``get_peft_model(model, sparsegrad.SparseGradConfig(bases=bases))`` (the
 `sparsegrad.tuner` package, which needs peft; imported on first use).
 
@@ -16,8 +18,9 @@ from .adapter import load_adapter, save_adapter
 from .basis import Bases, GramAccumulator, compute_bases
 from .layer import DynamicSparseGradLinear, FixedSparseGradLinear, SparseGradLinear
 from .meprop import MePropLinear
-from .model import apply, merge, sparse_layers, trainable_parameters
+from .model import apply, merge, sparse_layers, sparsify_gradients, trainable_parameters
 from .optim import SparseAdamW, clip_grad_norm_, optimizer
+from .sharding import shard
 from .targets import DEFAULT_TARGETS, find_targets
 
 __version__ = "0.1.0"
@@ -50,6 +53,8 @@ __all__ = [
     "merge",
     "optimizer",
     "save_adapter",
+    "shard",
     "sparse_layers",
+    "sparsify_gradients",
     "trainable_parameters",
 ]

@@ -201,6 +201,8 @@ class SparseGradLinear(SparseLinear):
         """Fold trained values that changed since the last fold into `weight` (none while unfolded)."""
         if self.unfolded:
             return
+        if self.sharded:
+            return self._sync_sharded()
         change = self._changed()
         if change is None:
             return
@@ -210,6 +212,26 @@ class SparseGradLinear(SparseLinear):
             else:
                 a, b = change.plan.sides(self.U, self.V)
                 change.plan.fold(self.weight.data, change.diff.to(a.dtype), a, b)
+
+    def _sync_sharded(self) -> None:
+        """sync under FSDP2 (collective): this rank's rows lo:hi of W (d_out) take their part of the
+        change of the whole S, W[lo:hi] += (U^T dS V[:, lo:hi])^T; V's columns lo:hi are a view."""
+        from .sharding import shard_rows
+
+        change = self._sharded_change()
+        if change is None:
+            return
+        if self.weight.dtype in LOW_PRECISION:
+            raise NotImplementedError("sharded training of bfloat16 / float16 SparseGrad layers is not supported yet: "
+                                      "load the model in float32")
+        lo, hi = shard_rows(self.weight)
+        with record_function("sparsegrad.fold"), torch.autocast(self.weight.device.type, enabled=False):
+            a, b = change.plan.sides(self.U, self.V[:, lo:hi])
+            change.plan.fold(self.weight.to_local(), change.diff.to(a.dtype), a, b)
+
+    def _sharded_change(self) -> _Change | None:
+        """The change of the whole S since the last fold, the same on every rank (collective), or None."""
+        raise NotImplementedError
 
     @torch.no_grad()
     def unfold(self) -> None:
@@ -371,7 +393,8 @@ class FixedSparseGradLinear(SparseGradLinear):
         return self._plan
 
     def trained_entries(self):
-        return self.rows.long(), self.cols.long(), self.values.detach()
+        values = self.values.detach()
+        return self.rows.long(), self.cols.long(), values.full_tensor() if self.sharded else values
 
     def _changed(self):
         diff = self.values.detach() - self._merged
@@ -379,6 +402,15 @@ class FixedSparseGradLinear(SparseGradLinear):
             return None
         before = self._merged.clone()
         self._merged.copy_(self.values.detach())
+        return _Change(self._support_plan(), diff, before)
+
+    def _sharded_change(self):
+        full = self.values.detach().full_tensor()  # (k,): this rank holds k / N of them
+        diff = full - self._merged
+        if not bool(diff.any()):
+            return None
+        before = self._merged.clone()
+        self._merged.copy_(full)
         return _Change(self._support_plan(), diff, before)
 
     def _trained_plan(self):
@@ -432,8 +464,17 @@ class DynamicSparseGradLinear(SparseGradLinear):
         return self.delta.data_ptr(), self.delta._version
 
     def trained_entries(self):
-        flat = self.delta.detach().reshape(-1).nonzero().squeeze(1)
-        return flat // self.out_features, flat % self.out_features, self.delta.detach().reshape(-1)[flat]
+        S = self.delta.detach()
+        if self.sharded:  # each rank's non-zero entries, gathered (collective)
+            from .sharding import all_gather_cat, shard_rows
+
+            local = S.to_local().reshape(-1)
+            flat = local.nonzero().squeeze(1)
+            flat, values = all_gather_cat([flat + shard_rows(S)[0] * self.out_features, local[flat]],
+                                          S.device_mesh.get_group())
+            return flat // self.out_features, flat % self.out_features, values
+        flat = S.reshape(-1).nonzero().squeeze(1)
+        return flat // self.out_features, flat % self.out_features, S.reshape(-1)[flat]
 
     def _plan(self, flat: torch.Tensor) -> SupportPlan:
         return SupportPlan.build(flat // self.out_features, flat % self.out_features, self.in_features, self.out_features)
@@ -471,6 +512,24 @@ class DynamicSparseGradLinear(SparseGradLinear):
             return None
         return _Change(self._plan(flat[moved]), diff[moved], before[moved], flat[moved])
 
+    def _sharded_change(self):
+        from .sharding import all_gather_cat, shard_rows
+
+        S = self.delta.detach()
+        local = S.to_local().reshape(-1)  # this rank's rows of S, flattened
+        flat = torch.cat([f for f, _ in self._pending]) if self._pending else local.new_zeros(0, dtype=torch.long)
+        before = torch.cat([v for _, v in self._pending]) if self._pending else local.new_zeros(0)
+        self._pending.clear()
+        flat, inverse = torch.unique(flat, return_inverse=True)
+        before = before.new_empty(flat.numel()).scatter_(0, inverse, before)
+        diff = local[flat] - before
+        moved = diff.ne(0)
+        offset = shard_rows(S)[0] * self.out_features
+        flat, diff, before = all_gather_cat([flat[moved] + offset, diff[moved], before[moved]], S.device_mesh.get_group())
+        if flat.numel() == 0:
+            return None
+        return _Change(self._plan(flat), diff, before, flat)
+
     def _forget_folded(self) -> None:
         flat = self.delta.detach().reshape(-1).nonzero().squeeze(1)
         self._pending = [(flat, self.delta.new_zeros(flat.numel()))] if flat.numel() else []
@@ -491,7 +550,8 @@ class DynamicSparseGradLinear(SparseGradLinear):
         super()._load_from_state_dict(*args, **kwargs)
         # a state dict holds S with the weight it folds to (saving syncs first): nothing is pending
         self._pending.clear()
-        self._folded_key = self._delta_key()
+        if not self.sharded:
+            self._folded_key = self._delta_key()
 
     def _sparse_topk(self, full: torch.Tensor) -> torch.Tensor:
         """The exact top-k entries of `full` (d_in, d_out) as a sparse gradient; their values of S are recorded."""
@@ -505,7 +565,12 @@ class DynamicSparseGradLinear(SparseGradLinear):
     def sparsify_grad(self) -> None:
         """With topk_in_backward=False: the top-k of the complete (accumulated, all-reduced) gradient."""
         grad = self.delta.grad
-        if grad is not None:
+        if grad is not None and self.sharded:  # this rank's rows of the reduced gradient: the global top-k
+            from .sharding import keep_global_topk
+
+            keep = keep_global_topk(self, grad)
+            self._pending.append((keep, self.delta.detach().to_local().reshape(-1)[keep]))
+        elif grad is not None:
             self.delta.grad = self._sparse_topk(grad.to_dense() if grad.is_sparse else grad)
 
     def _trainable_grad(self, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,9 @@ import math
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .layer import FixedSparseGradLinear
 from .model import sparse_layers
@@ -50,13 +52,13 @@ class SparseAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
+            for param in group["params"]:
+                if param.grad is None:
                     continue
-                grad = p.grad
+                p, grad = _local(param), _local(param.grad)  # sharded (FSDP2): this rank's shard, its own state
                 if grad.is_sparse and not group["lazy"]:
                     raise RuntimeError("a sparse gradient reached a dense group of SparseAdamW; put it in a lazy group")
-                state = self.state[p]
+                state = self.state[param]
                 if not state:
                     state["step"] = torch.tensor(0.0)
                     if group["lazy"]:  # moments of the entries in `index` (sorted flat indices) only
@@ -104,6 +106,11 @@ class SparseAdamW(torch.optim.Optimizer):
             self.state[params[k]]["index"] = index.to(params[k].device, torch.long)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a tensor sharded by FSDP2 (a DTensor), else the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def _flat_gradient(p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat indices, values) of a gradient's non-zero entries, dense or sparse COO."""
     if grad.is_sparse:
@@ -143,9 +150,17 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torc
     for p in params:
         if p.grad.is_sparse:
             p.grad = p.grad.coalesce()  # scaled through its values below
-    grads = [p.grad for p in params]
-    norms = [torch.linalg.vector_norm(g.values() if g.is_sparse else g, dtype=torch.float32) for g in grads]
-    total = torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]))
+    grads = [_local(p.grad) for p in params]
+    entries = [g.values() if g.is_sparse else g for g in grads]
+    norms = [torch.linalg.vector_norm(e, dtype=torch.promote_types(e.dtype, torch.float32)) for e in entries]
+    squares = torch.stack([n.to(norms[0].device) for n in norms]) ** 2
+    sharded = torch.tensor([isinstance(p.grad, DTensor) for p in params], device=squares.device)
+    total_sq = squares[~sharded].sum()
+    if bool(sharded.any()):  # sharded gradients: the squares of every rank's shards, summed over the ranks
+        shard_sq = squares[sharded].sum()
+        dist.all_reduce(shard_sq, group=next(p.grad for p in params if isinstance(p.grad, DTensor)).device_mesh.get_group())
+        total_sq = total_sq + shard_sq
+    total = total_sq.sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
         (g.values() if g.is_sparse else g).mul_(scale.to(g.device, g.dtype))
@@ -189,4 +204,9 @@ def optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, **adam_kwa
         for name, ps in groups.items()
         if ps
     ]
-    return SparseAdamW(param_groups, lr=lr, weight_decay=weight_decay, **adam_kwargs)
+    opt = SparseAdamW(param_groups, lr=lr, weight_decay=weight_decay, **adam_kwargs)
+    if any(layer.sharded for layer in layers):  # FSDP2: each step's change of S is folded into the shards at once
+        from .sharding import fold
+
+        opt.register_step_post_hook(lambda *_: fold(model))
+    return opt

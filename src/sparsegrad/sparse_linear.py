@@ -176,6 +176,8 @@ class SparseLinear(nn.Module):
         # top-k layers: keep the top-k at every backward (the paper), or leave the full gradient
         # for `sparsify_grad` to cut once it is complete (summed over micro-batches, reduced over ranks)
         self.topk_in_backward = True
+        # sharded by FSDP2 (sparsegrad.shard): folds after the optimizer step, into this rank's rows only
+        self.sharded = False
         # whatever is saved is current: fold pending updates before state_dict() / save_pretrained
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.sync())
 
@@ -183,6 +185,9 @@ class SparseLinear(nn.Module):
         owner = self.__dict__.get("_owner")
         if owner is not None and name in ("weight", "bias"):
             return getattr(owner, name)
+        holder = self.__dict__.get("_modules", {}).get("sharded_trainable")  # S's tensor while sharded (sharding.py)
+        if holder is not None and name == holder.name:
+            return holder._parameters[name]
         return super().__getattr__(name)
 
     # ------------------------------------------------------------------ building
@@ -250,18 +255,25 @@ class SparseLinear(nn.Module):
         """With topk_in_backward=False: keep the top-k entries of the complete gradient (after
         accumulation and the data-parallel all-reduce), zeros elsewhere."""
         grad = self.trainable.grad
-        if grad is not None:
+        if grad is not None and self.sharded:
+            from .sharding import keep_global_topk
+
+            keep_global_topk(self, grad)
+        elif grad is not None:
             grad.copy_(topk_dense(grad, self.k))
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dimension {self.in_features}, got {tuple(x.shape)}")
-        self.sync()
+        if not self.sharded:  # sharded: the optimizer's step folded already, and `weight` is FSDP's gathered copy
+            self.sync()
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         with torch.autocast(x.device.type, enabled=False):
-            trainable = None if self.trains_weight else self.trainable
+            trainable = None
+            if not self.trains_weight:  # sharded: through its FSDP group, which gathers it and reduces its gradient
+                trainable = self.sharded_trainable() if self.sharded else self.trainable
             return _SparseLinearFn.apply(x, self.weight, self.bias, trainable, self)
 
     def extra_repr(self) -> str:
