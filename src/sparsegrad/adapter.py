@@ -18,11 +18,14 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from .layer import SparseGradLinear
 from .model import sparse_layers
+from .sharding import is_sharded
 from .sparse_linear import in_out_features, is_linear_like, linear_weight
 from .targets import role_of
 from .util import atomic_path, file_sha256
@@ -89,7 +92,8 @@ def full_basis(rows: torch.Tensor, index: torch.Tensor, d: int) -> torch.Tensor:
 def save_adapter(model: nn.Module, folder: str | Path, *, base_model: str | None = None,
                  bases_file: str | Path | None = None) -> dict:
     """Write the adapter of `model` (SparseGrad layers still in place, not merged) into `folder`,
-    atomically; return {"bytes": ..., "tensors": ...}.
+    atomically; return {"bytes": ..., "tensors": ...}. A model sharded by sparsegrad.shard: every
+    rank calls it (the entries are gathered), rank 0 writes ("bytes" is None elsewhere).
 
     bases_file: store the bases by reference (path and sha256 of a Bases.save file) instead of the
     basis rows the entries need; smaller, but loading then needs that file.
@@ -114,16 +118,18 @@ def save_adapter(model: nn.Module, folder: str | Path, *, base_model: str | None
     else:  # the basis rows the entries use, once per role: basis.<role>.U (n, d_in) with their indices
         for group, group_layers in basis_groups(trained).items():
             tensors |= {f"basis.{group}.{key}": t for key, t in basis_rows(group_layers).items()}
-    sparse_params = {id(p) for layer in layers.values() if isinstance(layer, SparseGradLinear)
-                     for p in layer.parameters(recurse=False) if p is not layer.bias}
+    sparse_params = {id(layer.trainable) for layer in layers.values() if isinstance(layer, SparseGradLinear)}
     dense = []
     for pname, p in model.named_parameters():
         if p.requires_grad and id(p) not in sparse_params:
-            tensors[f"dense.{pname}"] = p.detach().cpu().contiguous()
+            p = p.detach()
+            tensors[f"dense.{pname}"] = (p.full_tensor() if isinstance(p, DTensor) else p).cpu().contiguous()
             dense.append(pname)
     config = {"format": FORMAT, "version": 1, "base_model": base_model, "layers": records, "dense": dense,
               "bases": bases_ref or "embedded"}
 
+    if is_sharded(model) and dist.get_rank() != 0:
+        return {"bytes": None, "tensors": len(tensors)}
     with atomic_path(folder) as tmp:
         tmp.mkdir()
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})

@@ -122,7 +122,7 @@ def trainable_parameters(model: nn.Module) -> int:
     for layer in sparse_layers(model).values():
         if layer.trainable.requires_grad:
             total += layer.k
-        counted.update(id(p) for p in layer.parameters(recurse=False) if p is not layer.bias)
+        counted.update(id(p) for p in (*layer.parameters(recurse=False), layer.trainable) if p is not layer.bias)
     for p in model.parameters():
         if p.requires_grad and id(p) not in counted:
             total += p.numel()

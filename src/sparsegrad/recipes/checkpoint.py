@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from sparsegrad.sharding import is_sharded, load_full_state_dict
 from sparsegrad.util import (
     atomic_path,
     file_sha256,
@@ -54,19 +55,31 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_weights(model: nn.Module, folder: Path) -> None:
-    """The model's state_dict into folder/model.safetensors, atomically (shared tensors handled)."""
+def _write_weights(weights: nn.Module | dict, path: Path) -> None:
+    """A model's state_dict (shared tensors handled), or a state dict (a sharded model's, gathered), as safetensors."""
+    if isinstance(weights, dict):
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+    else:
+        save_model(weights, str(path))
+
+
+def save_weights(weights: nn.Module | dict, folder: Path) -> None:
+    """A model's weights (or a gathered state dict) into folder/model.safetensors, atomically."""
     with atomic_path(folder / "model.safetensors") as tmp:
-        save_model(model, str(tmp))
+        _write_weights(weights, tmp)
 
 
 def load_weights(model: nn.Module, folder: Path) -> None:
-    """Load folder/model.safetensors into `model`; a damaged or foreign file is a CheckpointError naming it."""
+    """Load folder/model.safetensors into `model` (each rank its own shards, when sharded); a damaged
+    or foreign file is a CheckpointError naming it."""
     path = folder / "model.safetensors"
     if not path.is_file():
         raise CheckpointError(f"{path} is missing")
     try:
-        missing, unexpected = load_model(model, str(path), strict=False)
+        if is_sharded(model):
+            missing, unexpected = load_full_state_dict(model, load_file(str(path)))
+        else:
+            missing, unexpected = load_model(model, str(path), strict=False)
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:  # they name no file
         raise CheckpointError(f"{path} is damaged ({type(err).__name__}: {err})") from None
     if missing or unexpected:
@@ -74,14 +87,15 @@ def load_weights(model: nn.Module, folder: Path) -> None:
                               "it was written by a different run")
 
 
-def save_checkpoint(root: Path, step: int, model: nn.Module, state: dict, keep: int = 2) -> Path:
-    """Write checkpoint-<step> under `root` atomically, point `latest` at it, keep the newest `keep`."""
+def save_checkpoint(root: Path, step: int, weights: nn.Module | dict, state: dict, keep: int = 2) -> Path:
+    """Write checkpoint-<step> (a model's weights, or a sharded model's gathered state dict) under `root`
+    atomically, point `latest` at it, keep the newest `keep`."""
     if keep < 1:
         raise ValueError(f"keep={keep}: at least one checkpoint must be kept")
     final = root / f"checkpoint-{step}"
     with atomic_path(final) as tmp:  # the same step written again (e.g. after a resume) is replaced
         tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
+        _write_weights(weights, tmp / "model.safetensors")
         with open(tmp / "state.pt", "wb") as f:  # through a file object: a full disk surfaces as ENOSPC
             torch.save(state, f)
         write_json_atomic(tmp / MANIFEST, {p.name: {"bytes": p.stat().st_size, "sha256": file_sha256(p)}

@@ -75,6 +75,9 @@ class RunConfig:
                         choices=("float32", "bfloat16", "float16"))
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, the same run")
     cpu: bool = option(False, "train on the CPU even where CUDA is available")
+    fsdp: bool = option(False, "shard the model over the processes (torchrun / accelerate launch) with FSDP2: each "
+                               "block's weights, gradients and optimizer state are split N ways (default: DDP, a "
+                               "whole model per process)")
     # chat
     prompts: str | None = option(None, "a JSONL prompt file (strings, {prompt}, {messages} or MT-Bench {turns}); "
                                        "the best model's answers go to generations.jsonl")

@@ -12,6 +12,9 @@ accelerate places the model, runs mixed precision and data parallelism (launch w
 `accelerate launch`): an optimizer step takes `batch_size * grad_accum * processes` examples, and
 its loss is normalised by the loss items (examples, or assistant tokens) of the whole step, so that
 2 processes x batch b equal 1 process x batch 2b and 1 process x batch b x 2 accumulation steps.
+Data parallelism is DDP (a whole model per process), or FSDP2 with `fsdp` (or an accelerate FSDP
+config): sparsegrad.shard splits each block's weights, gradients and optimizer state over the
+processes; checkpoints then hold the gathered model and each rank's optimizer shard.
 Bases are computed once on rank 0 and broadcast. Checkpoints are atomic (checkpoint.py) and
 `resume=True` continues a killed run to the same final metrics.
 """
@@ -38,11 +41,13 @@ from sparsegrad import optimizer as make_optimizer
 from sparsegrad.adapter import plain_model_bytes, save_adapter
 from sparsegrad.model import defer_topk, sparsify_gradients, take_row_share
 from sparsegrad.optim import clip_grad_norm_
+from sparsegrad.sharding import full_state_dict, shard
 from sparsegrad.targets import find_targets
 from sparsegrad.util import to_device, write_text_atomic
 
 from .batching import Batcher
 from .checkpoint import (
+    CheckpointError,
     latest_checkpoint,
     load_checkpoint,
     load_weights,
@@ -135,6 +140,7 @@ class FineTuneRecipe:
         """The model and tokenizer, the accelerator (device, processes), encoded data and the batcher."""
         from accelerate import Accelerator, DistributedDataParallelKwargs
         from accelerate.state import AcceleratorState
+        from accelerate.utils import DistributedType
 
         cfg = self.cfg
         set_seed(cfg.seed)
@@ -149,6 +155,8 @@ class FineTuneRecipe:
         acc = self.accelerator
         self.device, self.world, self.rank, self.is_main = acc.device, acc.num_processes, acc.process_index, \
             acc.is_main_process
+        # sharded: asked for, or launched with an accelerate FSDP config (sparsegrad.shard does the sharding)
+        self.fsdp = self.world > 1 and (cfg.fsdp or acc.distributed_type == DistributedType.FSDP)
         self.progress = self.progress and self.is_main
         self.model.to(self.device)
 
@@ -195,6 +203,9 @@ class FineTuneRecipe:
                                    lora_rank=cfg.lora_rank)
         defer_topk(self.model)  # top-k layers: the top-k of the complete (accumulated, all-reduced) gradient
         self.raw = self.model  # the model itself; `self.model` may become its DDP wrapper
+        if self.fsdp:  # sharded in place: the model stays itself
+            shard(self.model)
+            return
         with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; accelerate has no new name yet
             warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
             self.model = self.accelerator.prepare_model(self.model)
@@ -221,7 +232,12 @@ class FineTuneRecipe:
         if ckpt is None:
             return False
         saved = load_checkpoint(ckpt, self.raw)
-        self.optimizer.load_state_dict(saved["optimizer"])
+        optimizer = saved["optimizer"]
+        if self.fsdp != isinstance(optimizer, list) or (self.fsdp and len(optimizer) != self.world):
+            written = f"{len(optimizer)} sharded processes" if isinstance(optimizer, list) else "an unsharded run"
+            raise CheckpointError(f"{ckpt} was written by {written}: resume it the same way (this is "
+                                  f"{f'{self.world} sharded processes' if self.fsdp else 'an unsharded run'})")
+        self.optimizer.load_state_dict(optimizer[self.rank] if self.fsdp else optimizer)
         self.scheduler.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
         self.state = LoopState(**saved["loop"])
@@ -229,11 +245,20 @@ class FineTuneRecipe:
         return True
 
     def save_checkpoint(self) -> None:
+        weights, optimizer = self._weights(), self.optimizer.state_dict()
+        if self.fsdp:  # each rank's shard of the optimizer state, in rank order
+            shards = [None] * self.world if self.is_main else None
+            torch.distributed.gather_object(optimizer, shards, dst=0)
+            optimizer = shards
         if self.is_main:
-            save_checkpoint(self.checkpoint_root, self.state.step, self.raw, {
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            save_checkpoint(self.checkpoint_root, self.state.step, weights, {
+                "optimizer": optimizer, "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(), "loop": asdict(self.state)})
         self.accelerator.wait_for_everyone()
+
+    def _weights(self) -> torch.nn.Module | dict:
+        """What save_weights writes: the model, or when sharded its gathered state dict (collective)."""
+        return full_state_dict(self.raw) if self.fsdp else self.raw
 
     # ---------------------------------------------------------------- one step, one evaluation
     def _sum_over_processes(self, *values: float) -> list[float]:
@@ -252,7 +277,9 @@ class FineTuneRecipe:
         loss_sum = 0.0
         for m, (batch, n) in enumerate(zip(micro, counts)):
             sync = m == len(micro) - 1
-            with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+            if self.fsdp:  # FSDP2 reduces the gradients after the step's last micro-batch only
+                self.model.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or self.fsdp else acc.no_sync(self.model):
                 with acc.autocast():
                     loss = self.model(**to_device(batch, self.device)).loss
                 acc.backward(loss * (n * self.world / step_items))
@@ -295,8 +322,9 @@ class FineTuneRecipe:
         best = state.best_score
         if best is None or (score > best if task.greater_is_better else score < best):
             state.best_score, state.best_step, state.bad_evals = score, state.step, 0
+            weights = self._weights()
             if self.is_main:
-                save_weights(self.raw, self.run_dir / "best")
+                save_weights(weights, self.run_dir / "best")
         else:
             state.bad_evals += 1
         return (f"step {state.step} epoch {state.step / len(self.batcher):.2f}: {self.select_split} "
@@ -368,9 +396,10 @@ class FineTuneRecipe:
                                                 generations=None))
         load_weights(self.raw, self.run_dir / "best")
         final = {name: self.evaluate(name) for name in self.eval_data}
-        generations = self._answer_prompts() if cfg.prompts and self.is_main else None
+        # sharded, every rank takes part in generating and in gathering the adapter; rank 0 writes
+        generations = self._answer_prompts() if cfg.prompts and (self.is_main or self.fsdp) else None
         adapter = None
-        if self.is_main:
+        if self.is_main or self.fsdp:
             adapter = save_adapter(self.raw, self.run_dir / "adapter", base_model=cfg.model or default_model(self.task))
             adapter["model_bytes"] = plain_model_bytes(self.raw)
         return self._write_result(RunResult(
@@ -408,8 +437,9 @@ class FineTuneRecipe:
 
         prompts = read_prompts(self.cfg.prompts)[:self.cfg.max_prompts]
         generations = generate(self.raw, self.tokenizer, prompts, self.device, max_new_tokens=self.cfg.max_new_tokens)
-        write_text_atomic(self.run_dir / "generations.jsonl",
-                          "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations))
+        if self.is_main:
+            write_text_atomic(self.run_dir / "generations.jsonl",
+                              "".join(json.dumps(g, ensure_ascii=False) + "\n" for g in generations))
         return generations
 
     def cleanup(self) -> None:
