@@ -165,6 +165,10 @@ class SparseGradLinear(SparseLinear):
         return torch.int32 if self.in_features * self.out_features < 2**31 else torch.long
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.sharded and self.w0_index is not None and prefix + "w0_index" in state_dict:
+            from .sharding import local_w0
+
+            local_w0(self, state_dict, prefix)
         for name in ("w0_index", "w0_value"):  # as many entries as the saved layer had
             saved = state_dict.get(prefix + name)
             if saved is not None and getattr(self, name) is not None:
@@ -221,16 +225,20 @@ class SparseGradLinear(SparseLinear):
         change = self._sharded_change()
         if change is None:
             return
-        if self.weight.dtype in LOW_PRECISION:
-            raise NotImplementedError("sharded training of bfloat16 / float16 SparseGrad layers is not supported yet: "
-                                      "load the model in float32")
         lo, hi = shard_rows(self.weight)
         with record_function("sparsegrad.fold"), torch.autocast(self.weight.device.type, enabled=False):
-            a, b = change.plan.sides(self.U, self.V[:, lo:hi])
-            change.plan.fold(self.weight.to_local(), change.diff.to(a.dtype), a, b)
+            if self.weight.dtype in LOW_PRECISION:
+                self._rebuild(*self._sharded_plans(change), weight=self.weight.to_local(), rows=(lo, hi))
+            else:
+                a, b = change.plan.sides(self.U, self.V[:, lo:hi])
+                change.plan.fold(self.weight.to_local(), change.diff.to(a.dtype), a, b)
 
     def _sharded_change(self) -> _Change | None:
         """The change of the whole S since the last fold, the same on every rank (collective), or None."""
+        raise NotImplementedError
+
+    def _sharded_plans(self, change: _Change) -> tuple:
+        """(folded, trained) plans of the whole S around `change`, for a low-precision rebuild (collective)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -285,16 +293,19 @@ class SparseGradLinear(SparseLinear):
     def _set_entries(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def _delta(self, trained: tuple[SupportPlan, torch.Tensor] | None) -> torch.Tensor:
-        """U^T S V in weight orientation (d_out, d_in), float32; the same bits for the same S."""
-        out = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.weight.device)
+    def _delta(self, trained: tuple[SupportPlan, torch.Tensor] | None, rows: tuple[int, int] | None = None
+               ) -> torch.Tensor:
+        """U^T S V in weight orientation (d_out, d_in), or its rows lo:hi, float32; the same bits for the same S."""
+        lo, hi = rows or (0, self.out_features)
+        out = torch.zeros(hi - lo, self.in_features, dtype=torch.float32, device=self.U.device)
         if trained is not None:
             plan, values = trained
-            a, b = plan.sides(self.U.float(), self.V.float())
+            a, b = plan.sides(self.U.float(), self.V.float()[:, lo:hi])
             plan.fold(out, values.float(), a, b)
         return out
 
-    def _rebuild(self, folded, trained) -> None:
+    def _rebuild(self, folded, trained, weight: torch.Tensor | None = None, rows: tuple[int, int] | None = None
+                 ) -> None:
         """weight = round(W_0 + U^T S V), the sum in float32 and rounded once: exact after any number of steps.
 
         W_0 comes back from the weight: W = round(W_0 + D_old) with D_old = U^T S_old V, so
@@ -303,10 +314,10 @@ class SparseGradLinear(SparseLinear):
         checks each entry against the next recovery (which repeats the same float32 D) and keeps
         the pretrained value of the few that would not come back in (w0_index, w0_value).
         """
-        weight = self.weight.data
-        base = (weight.float() - self._delta(folded)).to(weight.dtype).view(-1)  # W_0, but for the kept entries
+        weight = self.weight.data if weight is None else weight  # sharded: this rank's rows lo:hi, and theirs in w0
+        base = (weight.float() - self._delta(folded, rows)).to(weight.dtype).view(-1)  # W_0, but for the kept entries
         base[self.w0_index] = self.w0_value
-        delta = self._delta(trained).view(-1)
+        delta = self._delta(trained, rows).view(-1)
         new = (base.float() + delta).to(weight.dtype)  # rounded once
         lost = ((new.float() - delta).to(weight.dtype) != base).nonzero().squeeze(1)
         self.w0_index, self.w0_value = lost.to(self._index_dtype()), base[lost]
@@ -412,6 +423,9 @@ class FixedSparseGradLinear(SparseGradLinear):
         before = self._merged.clone()
         self._merged.copy_(full)
         return _Change(self._support_plan(), diff, before)
+
+    def _sharded_plans(self, change):
+        return (change.plan, change.before), (change.plan, change.before + change.diff)
 
     def _trained_plan(self):
         return self._support_plan(), self.values.detach()
@@ -529,6 +543,14 @@ class DynamicSparseGradLinear(SparseGradLinear):
         if flat.numel() == 0:
             return None
         return _Change(self._plan(flat), diff, before, flat)
+
+    def _sharded_plans(self, change):
+        rows, cols, values = self.trained_entries()  # every rank's non-zero entries of S, gathered
+        flat, inverse = torch.unique(torch.cat([rows * self.out_features + cols, change.flat]), return_inverse=True)
+        now = values.new_zeros(flat.numel()).index_copy_(0, inverse[:values.numel()], values)
+        before = now.clone().index_copy_(0, inverse[values.numel():], change.before)
+        plan = self._plan(flat)
+        return (plan, before), (plan, now)
 
     def _forget_folded(self) -> None:
         flat = self.delta.detach().reshape(-1).nonzero().squeeze(1)

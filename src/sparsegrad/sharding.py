@@ -86,16 +86,47 @@ def shard(model: nn.Module, *, mesh=None, reshard_after_forward: bool = True) ->
         raise ValueError(f"found no transformer blocks in {type(model).__name__} to shard: it names no "
                          "_no_split_modules and holds no nn.ModuleList")
     for block in blocks:
+        for module in _other_dtype_modules(block):  # e.g. LoRA's float32 factors in a bfloat16 block
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
 
 
+def _other_dtype_modules(block: nn.Module) -> list[nn.Module]:
+    """The modules in `block` whose own parameters are of another dtype than most of the block's
+    (FSDP2 gathers a group in one dtype): each becomes a group of its own."""
+    sizes: dict[torch.dtype, int] = {}
+    for p in block.parameters():
+        sizes[p.dtype] = sizes.get(p.dtype, 0) + p.numel()
+    if len(sizes) < 2:
+        return []
+    common = max(sizes, key=sizes.get)
+    return [m for m in block.modules() if m is not block and not isinstance(m, ShardedTrainable)
+            and any(p.dtype != common for p in m.parameters(recurse=False))]
+
+
 def _unsharded_names(module, state_dict, prefix, local_metadata) -> None:
+    """A sharded layer's state as the unsharded layer's: S under its own name, and a low-precision
+    weight's kept pretrained entries (w0, this rank's rows) gathered into the whole weight's (collective)."""
     holder = module._modules[HOLDER]
     key = f"{prefix}{HOLDER}.{holder.name}"
     if key in state_dict:
         state_dict[prefix + holder.name] = state_dict.pop(key)
+    if prefix + "w0_index" in state_dict:
+        lo, _ = shard_rows(module.weight)
+        index, value = all_gather_cat([module.w0_index.long() + lo * module.in_features, module.w0_value],
+                                      module.weight.device_mesh.get_group())
+        state_dict[prefix + "w0_index"], state_dict[prefix + "w0_value"] = index.to(module.w0_index.dtype), value
+
+
+def local_w0(layer: SparseLinear, state_dict: dict, prefix: str) -> None:
+    """The whole weight's kept pretrained entries in a state dict -> this rank's rows' (in place)."""
+    lo, hi = shard_rows(layer.weight)
+    index, value = state_dict[prefix + "w0_index"].long(), state_dict[prefix + "w0_value"]
+    mine = (index >= lo * layer.in_features) & (index < hi * layer.in_features)
+    state_dict[prefix + "w0_index"] = (index[mine] - lo * layer.in_features).to(layer.w0_index.dtype)
+    state_dict[prefix + "w0_value"] = value[mine]
 
 
 def _sharded_names(module, state_dict, prefix, *args) -> None:
