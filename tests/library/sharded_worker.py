@@ -1,7 +1,7 @@
 """A torchrun worker: a tiny LLaMA decoder converted by sparsegrad.apply, sharded over the processes
 (or not, with one), trained 3 steps on a fixed global batch of 8; rank 0 saves the whole trained state
 and the weights an unsharded copy of the model folds the same trained S into.
-    torchrun --nproc-per-node N sharded_worker.py MODE DTYPE OUT"""
+    torchrun --nproc-per-node N sharded_worker.py MODE DTYPE OUT [torch-adamw]"""
 import sys
 
 import torch
@@ -30,7 +30,10 @@ def converted_model():
 model = converted_model()
 if world > 1:
     sparsegrad.shard(model)
-opt = sparsegrad.optimizer(model, lr=1e-2)
+if len(sys.argv) > 4:  # an optimizer that does not fold: the next forward must refuse to run
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+else:
+    opt = sparsegrad.optimizer(model, lr=1e-2)
 per = 8 // world
 for step in range(3):
     x = torch.randint(0, 100, (8, 12), generator=torch.Generator().manual_seed(10 + step))[rank * per:(rank + 1) * per]

@@ -14,11 +14,14 @@ import torch
 WORKER = Path(__file__).parent / "sharded_worker.py"
 
 
-def _train(processes: int, mode: str, dtype: str, out: Path) -> dict:
+def _launch(processes: int, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-                           str(WORKER), mode, dtype, str(out)], check=False, env=env, capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
+                           str(WORKER), *args], check=False, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _train(processes: int, mode: str, dtype: str, out: Path) -> dict:
+    done = _launch(processes, mode, dtype, str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out)
 
@@ -44,3 +47,10 @@ def test_sharded_bfloat16_fold_equals_the_unsharded_fold(tmp_path, mode):
         assert differ < 0.002, f"{name}: {differ:.2%} of the entries differ from the unsharded fold"
         index = state[name.replace(".weight", ".w0_index")]
         assert index.numel() == 0 or int(index.max()) < weight.numel()  # whole-weight indices
+
+
+@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
+def test_an_optimizer_that_does_not_fold_is_refused(tmp_path, mode):
+    done = _launch(2, mode, "float64", str(tmp_path / "x.pt"), "torch-adamw")
+    assert done.returncode != 0
+    assert "S changed since it was last folded into the sharded weight" in done.stderr

@@ -3,6 +3,7 @@
     layer   one MLP linear per method: the kernels alone
     speed   whole models per method: steps/s, peak memory, training-state bytes (Tables 3, 7, 8)
     llm     LLaMA-2-7B shapes in bfloat16: peak memory and state per method, projected to 32 blocks
+    sharded FSDP2 at 1, 2, 4 processes: bytes per process, projected per GPU for 7B and 70B
     bases   the preliminary phase: streaming Gram sums against unfold-and-SVD
     glue    methods x GLUE tasks x seeds and the sparsity ablation (Tables 4, 11, 12)
     chat    instruction tuning of the embedded decoder per method (Table 6)
@@ -15,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 
-from . import adapter, bases, chat, glue, layer, llm, report, speed
+from . import adapter, bases, chat, glue, layer, llm, report, sharded, speed
 
-BENCHES = {"layer": layer, "speed": speed, "llm": llm, "bases": bases, "glue": glue, "chat": chat,
-           "adapter": adapter, "report": report}
+BENCHES = {"layer": layer, "speed": speed, "llm": llm, "sharded": sharded, "bases": bases, "glue": glue,
+           "chat": chat, "adapter": adapter, "report": report}
 
 
 def add_bench_commands(parser: argparse.ArgumentParser) -> None:

@@ -20,10 +20,12 @@ class WorkerError(RuntimeError):
     """A worker process failed; the message ends with its last output."""
 
 
-def run_in_process(target: str, spec: dict, *, show_output: bool = False) -> dict:
+def run_in_process(target: str, spec: dict, *, show_output: bool = False, processes: int | None = None) -> dict:
     """Call `target` (package.module:function) with `spec` in a fresh process and return its result.
-    show_output: let the worker's stderr (progress, messages) through to ours; else keep it for errors."""
-    cmd = [sys.executable, "-m", "sparsegrad.recipes.process", target, json.dumps(spec)]
+    show_output: let the worker's stderr (progress, messages) through to ours; else keep it for errors.
+    processes: run it in that many processes under torchrun (rank 0's result comes back; the others return None)."""
+    launcher = [] if processes is None else ["-m", "torch.distributed.run", "--nproc-per-node", str(processes)]
+    cmd = [sys.executable, *launcher, "-m", "sparsegrad.recipes.process", target, json.dumps(spec)]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None if show_output else subprocess.PIPE, text=True,
                           check=False)
     if proc.returncode != 0:
@@ -38,7 +40,8 @@ def run_in_process(target: str, spec: dict, *, show_output: bool = False) -> dic
 def _main(argv: list[str]) -> int:
     module, _, function = argv[0].partition(":")
     result = getattr(importlib.import_module(module), function)(json.loads(argv[1]))
-    sys.stdout.write("\n" + json.dumps(strict_json(result), default=str, allow_nan=False) + "\n")
+    if result is not None:  # under torchrun: rank 0's
+        sys.stdout.write("\n" + json.dumps(strict_json(result), default=str, allow_nan=False) + "\n")
     return 0
 
 
