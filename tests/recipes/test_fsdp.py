@@ -52,7 +52,7 @@ def _assert_same_run(single: Path, sharded: Path) -> None:
     r1, r2 = _result(single), _result(sharded)
     assert (r1["processes"], r2["processes"]) == (1, 2)
     assert r1["examples_per_step"] == r2["examples_per_step"] == 8
-    assert r2["config"]["fsdp"]
+    assert r2["sharded"] and not r1["sharded"]
     assert r2["score"] == pytest.approx(r1["score"], abs=1e-5)
     assert [h["loss"] for h in r2["history"]] == pytest.approx([h["loss"] for h in r1["history"]], abs=1e-5)
     assert _max_diff(single, sharded) < 1e-5
@@ -105,3 +105,17 @@ def test_killed_sharded_run_resumes_and_its_adapter_loads_unsharded(tiny_llama_d
     assert max((state[k] - trained[k]).abs().max().item() for k in state if k in trained) < 1e-5
     assert any(not torch.equal(state[k], v) for k, v in
                AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict().items())
+
+
+def test_accelerate_launch_with_an_fsdp_config_shards(tiny_llama_dir, chat_file, tmp_path):
+    pytest.importorskip("accelerate")
+    single, launched = tmp_path / "single", tmp_path / "launched"
+    assert main(_args(tiny_llama_dir, chat_file, single, "sparsegrad", "--batch-size", "8")) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--fsdp_version", "2",
+                           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                           "--dynamo_backend", "no", "-m", "sparsegrad.recipes",
+                           *_args(tiny_llama_dir, chat_file, launched, "sparsegrad", "--batch-size", "4")],
+                          check=False, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_run(single, launched)  # sharded by the launch configuration alone, no --fsdp

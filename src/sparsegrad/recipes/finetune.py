@@ -140,7 +140,7 @@ class FineTuneRecipe:
         """The model and tokenizer, the accelerator (device, processes), encoded data and the batcher."""
         from accelerate import Accelerator, DistributedDataParallelKwargs
         from accelerate.state import AcceleratorState
-        from accelerate.utils import DistributedType
+        from accelerate.utils import DistributedType, parse_flag_from_env
 
         cfg = self.cfg
         set_seed(cfg.seed)
@@ -155,8 +155,10 @@ class FineTuneRecipe:
         acc = self.accelerator
         self.device, self.world, self.rank, self.is_main = acc.device, acc.num_processes, acc.process_index, \
             acc.is_main_process
-        # sharded: asked for, or launched with an accelerate FSDP config (sparsegrad.shard does the sharding)
-        self.fsdp = self.world > 1 and (cfg.fsdp or acc.distributed_type == DistributedType.FSDP)
+        # sharded: asked for, or launched with an accelerate FSDP config (sparsegrad.shard does the sharding;
+        # on CPU accelerate keeps the config's flag but not its FSDP state)
+        self.fsdp = self.world > 1 and (cfg.fsdp or acc.distributed_type == DistributedType.FSDP
+                                        or parse_flag_from_env("ACCELERATE_USE_FSDP"))
         self.progress = self.progress and self.is_main
         self.model.to(self.device)
 
@@ -419,7 +421,7 @@ class FineTuneRecipe:
             "train_seconds": state.train_seconds,
             "steps_per_s": state.step / state.train_seconds if state.train_seconds else None,
             "peak_memory_mb": memory_bytes / 2**20, "memory_kind": memory_kind, "device": str(self.device),
-            "processes": self.world, "examples_per_step": self.batcher.step_size,
+            "processes": self.world, "sharded": self.fsdp, "examples_per_step": self.batcher.step_size,
             "data": {"source": self.data.source, "train": len(self.data.train),
                      **{k: len(v) for k, v in self.data.eval.items()}},
             "versions": versions(), "command": sys.argv, "warnings": state.warnings}

@@ -66,6 +66,7 @@ class RunResult(_Record):
     status: str = "finished"          # or "diverged": then score is None and `message` says why
     message: str | None = None
     warnings: list = field(default_factory=list)
+    sharded: bool = False             # FSDP2 over the processes (else DDP, or one process)
 
     @property
     def label(self) -> str:
