@@ -136,6 +136,29 @@ def test_layer_bench_ratios_against_full_ft_from_the_same_run(tmp_path, capsys):
     assert "| sparsegrad-fixed |" in capsys.readouterr().out
 
 
+def test_sharded_bench_bytes_fall_with_the_processes(tmp_path):
+    """`bench sharded` on a tiny LLaMA shape at 1 and 2 processes: the sharded bytes halve (to FSDP's
+    rounding of odd rows), what is replicated stays, and the projection is the documented arithmetic."""
+    from sparsegrad.bench import sharded
+
+    out = tmp_path / "sharded"
+    argv = ["bench", "sharded", "--shapes", "tiny", "--methods", "fixed", "lora", "--processes", "1", "2",
+            "--seq", "8", "--steps", "1", "--output-dir", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / "sharded-cpu-tiny.json").read_text())
+    by = {(r["method"], r["processes"]): r for r in result["rows"]}
+    assert set(by) == {("fixed", 1), ("fixed", 2), ("lora", 1), ("lora", 2)}
+    for method in ("fixed", "lora"):
+        one, two = sharded.per_process(by[(method, 1)]), sharded.per_process(by[(method, 2)])
+        assert two["sharded"] == pytest.approx(one["sharded"] / 2, rel=0.02)
+        assert (two["replicated"], two["bases"]) == (one["replicated"], one["bases"])
+    fixed = by[("fixed", 1)]["ranks"][0]
+    assert fixed["bases"] > 0 and fixed["replicated"]["block0"] > 0 and "block1" not in fixed["replicated"]
+    proj = result["projections"]["fixed"]["7B"]
+    assert proj["total_per_gpu"] == pytest.approx(proj["sharded_per_gpu"] + proj["replicated"] + proj["bases"])
+    assert "Projected per GPU at 8 GPUs" in (out / "sharded-cpu-tiny.md").read_text()
+
+
 def test_llm_bench_measures_projects_and_resumes(tmp_path):
     """`bench llm` on a tiny LLaMA shape: every series measured once, the 32-block projection is the
     documented arithmetic on those rows, a second run reuses them, and the page shows the section."""

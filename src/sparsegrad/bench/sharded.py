@@ -39,7 +39,7 @@ from sparsegrad.util import write_json_atomic
 
 from ..recipes.machine import machine
 from ..recipes.process import run_in_process
-from .llm import LLAMA2_7B, build_decoder, identity_bases
+from .llm import LLAMA2_7B, SHAPES, build_decoder, identity_bases
 
 METHODS = ("ft", "lora", "fixed", "dynamic", "meprop")
 TARGETS = ["up_proj", "down_proj"]
@@ -56,6 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=2, help="training steps per measurement (the last is timed)")
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--gpus", type=int, default=8, help="the GPU count the projection is for")
+    p.add_argument("--shapes", default="llama2-7b", choices=SHAPES, help="tiny: checks the bench itself in seconds")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output-dir", default="bench-results/sharded")
 
@@ -118,7 +119,7 @@ def measure(spec: dict) -> dict | None:
         torch.cuda.set_device(device)
     torch.set_grad_enabled(True)
     method = spec["method"]
-    model = build_decoder(2)
+    model = build_decoder(2, spec.get("shapes", "llama2-7b"))
     kwargs = {"targets": TARGETS, "blocks": [0], "lora_rank": spec["lora_rank"]}
     if method in ("fixed", "dynamic"):
         kwargs |= {"bases": identity_bases(find_targets(model, TARGETS, blocks=[0])), "mode": method, "density": 0.01}
@@ -151,7 +152,8 @@ def measure(spec: dict) -> dict | None:
     if rank != 0:
         return None
     return {"method": method, "processes": len(ranks), "seq": spec["seq"], "device": spec["device"],
-            "trainable": info.trainable, "lora_rank": info.lora_rank, "ranks": ranks}
+            "shapes": spec.get("shapes", "llama2-7b"), "trainable": info.trainable, "lora_rank": info.lora_rank,
+            "ranks": ranks}
 
 
 # ---------------------------------------------------------------- the benchmark
@@ -182,7 +184,7 @@ def project(row: dict, gpus: int) -> dict:
     s, r = rank["sharded"], rank["replicated"]
     other_s, target_s = s.get("block1", 0), s.get("block0", 0)
     other_r, target_r = r.get("block1", 0), r.get("block0", 0)
-    base = _counts(LLAMA2_7B, 2)
+    base = _counts(SHAPES[row.get("shapes", "llama2-7b")], 2)  # what was measured
     out = {}
     for name, (shapes, n) in MODELS.items():
         c = _counts(shapes, n)
@@ -202,11 +204,12 @@ def project(row: dict, gpus: int) -> dict:
 def run(args: argparse.Namespace) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"sharded-{args.device}.json"
+    name = f"sharded-{args.device}" + ("" if args.shapes == "llama2-7b" else f"-{args.shapes}")
+    path = out / f"{name}.json"
     rows = json.loads(path.read_text())["rows"] if path.is_file() else []  # resumes: finished rows are kept
     have = {(r["method"], r["processes"], r["seq"]) for r in rows}
     specs = [{"method": m, "processes": n, "seq": args.seq, "steps": args.steps, "lora_rank": args.lora_rank,
-              "device": args.device} for m in args.methods for n in args.processes]
+              "device": args.device, "shapes": args.shapes} for m in args.methods for n in args.processes]
     for i, spec in enumerate(specs, 1):
         if (spec["method"], spec["processes"], spec["seq"]) in have:
             continue
@@ -219,14 +222,15 @@ def run(args: argparse.Namespace) -> dict:
         write_json_atomic(path, _result(args, rows))  # after every row: an interrupted run resumes
     result = _result(args, rows)
     write_json_atomic(path, result)
-    (out / f"sharded-{args.device}.md").write_text(markdown(result) + "\n")
+    (out / f"{name}.md").write_text(markdown(result) + "\n")
     return result
 
 
 def _result(args: argparse.Namespace, rows: list[dict]) -> dict:
     projections = {r["method"]: project(r, args.gpus) for r in rows if r["processes"] == 1}
     meta = {"seq": args.seq, "steps": args.steps, "lora_rank": args.lora_rank, "gpus": args.gpus,
-            "shapes": LLAMA2_7B, "blocks": 2, "targets": "up_proj, down_proj of block 0 (1%)"}
+            "shapes": args.shapes, "config": SHAPES[args.shapes], "blocks": 2,
+            "targets": "up_proj, down_proj of block 0 (1%)"}
     return {"meta": machine(args.device) | meta, "rows": rows, "projections": projections}
 
 
