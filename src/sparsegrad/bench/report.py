@@ -4,7 +4,7 @@
     sparsegrad bench report --results docs/results --glue-runs bench-results/glue --compaction
 
 Reads from --results: speed-*.json (bench speed), fold.json (bench layer --fold), llm-*.json
-(bench llm), bases.json (bench bases), glue.json (bench glue), chat.json (bench chat),
+(bench llm), sharded-*.json (bench sharded), bases.json (bench bases), glue.json (bench glue), chat.json (bench chat),
 adapter.json (bench adapter), compaction.json and row_share.json (written here). --glue-runs extracts the
 per-step share of non-zero output-gradient rows of the SparseGrad runs (Fig. 3) into
 row_share.json; --compaction computes Fig. 2's data (one real MiniLM layer's gradient in the
@@ -242,6 +242,27 @@ def _llm_section(results: Path) -> list[str]:
     return lines
 
 
+def _sharded_section(results: Path) -> list[str]:
+    from . import sharded as sharded_bench
+
+    lines = []
+    for path in sorted(results.glob("sharded-*.json")):
+        result = _load(path)
+        m = result["meta"]
+        if not lines:
+            doc = sharded_bench.__doc__.split("\n\n")
+            lines = ["## Sharded training (FSDP2): bytes per process", "", doc[2].replace("\n", " "), "",
+                     doc[3].replace("\n", " "), ""]
+        title = (f"### `{path.name}`: {m['device']}, shapes {m['shapes']}, {m['blocks']} blocks, sequence {m['seq']}, "
+                 f"batch 1 per process, LoRA rank {m['lora_rank']}")
+        lines += [title, "", sharded_bench.markdown(result), "",
+                  ("Sharded bytes fall as 1/N with the processes; the bases and the fixed support's indices and "
+                   "folded values are held whole by every process. Step times on a CPU whose cores the processes "
+                   "share say nothing of a GPU's; the projection leaves out activations and FSDP's all-gather "
+                   "buffers, and its 70B column is an extrapolation from 7B-shape blocks."), ""]
+    return lines
+
+
 def _fold_section(fold: dict | None) -> list[str]:
     if not fold:
         return []
@@ -268,6 +289,7 @@ def build(results: Path, output: Path) -> str:
     lines += _speed_section(speeds, results, link)
     lines += _fold_section(_load(results / "fold.json"))
     lines += _llm_section(results)
+    lines += _sharded_section(results)
     lines += _bases_section(_load(results / "bases.json"))
     lines += _compaction_section(_load(results / "compaction.json"), results, link)
     lines += _row_share_section(_load(results / "row_share.json"), results, link)
