@@ -37,7 +37,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.autograd.profiler import record_function
+from torch.distributed.tensor import DTensor
 
+from .collectives import all_gather_cat, keep_global_topk, shard_rows
 from .meprop import MePropLinear
 from .sparse_linear import LOW_PRECISION, SparseLinear, linear_weight, master_dtype
 from .support import SupportPlan, topk_support
@@ -166,14 +168,28 @@ class SparseGradLinear(SparseLinear):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if self.sharded and self.w0_index is not None and prefix + "w0_index" in state_dict:
-            from .sharding import local_w0
-
-            local_w0(self, state_dict, prefix)
+            self._local_w0(state_dict, prefix)
         for name in ("w0_index", "w0_value"):  # as many entries as the saved layer had
             saved = state_dict.get(prefix + name)
             if saved is not None and getattr(self, name) is not None:
                 setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def whole_w0(self, state_dict: dict, prefix: str) -> None:
+        """Sharded: this rank's kept pretrained entries (w0, indices into its rows) -> the whole weight's,
+        gathered from every rank into `state_dict` (collective): state dicts are the same sharded or not."""
+        lo, _ = shard_rows(self.weight)
+        index, value = all_gather_cat([self.w0_index.long() + lo * self.in_features, self.w0_value],
+                                      self.weight.device_mesh.get_group())
+        state_dict[prefix + "w0_index"], state_dict[prefix + "w0_value"] = index.to(self.w0_index.dtype), value
+
+    def _local_w0(self, state_dict: dict, prefix: str) -> None:
+        """The whole weight's kept pretrained entries in `state_dict` -> this rank's rows' (in place)."""
+        lo, hi = shard_rows(self.weight)
+        index, value = state_dict[prefix + "w0_index"].long(), state_dict[prefix + "w0_value"]
+        mine = (index >= lo * self.in_features) & (index < hi * self.in_features)
+        state_dict[prefix + "w0_index"] = (index[mine] - lo * self.in_features).to(self.w0_index.dtype)
+        state_dict[prefix + "w0_value"] = value[mine]
 
     _master = ("values", "delta", "_merged")  # S and its fold record: never narrowed below float32
 
@@ -220,8 +236,6 @@ class SparseGradLinear(SparseLinear):
     def _sync_sharded(self) -> None:
         """sync under FSDP2 (collective): this rank's rows lo:hi of W (d_out) take their part of the
         change of the whole S, W[lo:hi] += (U^T dS V[:, lo:hi])^T; V's columns lo:hi are a view."""
-        from .sharding import shard_rows
-
         change = self._sharded_change()
         if change is None:
             return
@@ -439,10 +453,6 @@ class FixedSparseGradLinear(SparseGradLinear):
         return (change.plan, change.before), (change.plan, change.before + change.diff)
 
     def _folded(self) -> bool:
-        from torch.distributed.tensor import DTensor
-
-        from .sharding import shard_rows
-
         values = self.sharded_trainable.values  # between a forward and its backward FSDP may hold it gathered
         if not isinstance(values, DTensor):
             return True
@@ -502,8 +512,6 @@ class DynamicSparseGradLinear(SparseGradLinear):
     def trained_entries(self):
         S = self.delta.detach()
         if self.sharded:  # each rank's non-zero entries, gathered (collective)
-            from .sharding import all_gather_cat, shard_rows
-
             local = S.to_local().reshape(-1)
             flat = local.nonzero().squeeze(1)
             flat, values = all_gather_cat([flat + shard_rows(S)[0] * self.out_features, local[flat]],
@@ -536,28 +544,28 @@ class DynamicSparseGradLinear(SparseGradLinear):
         self._folded_key = key
         if not self._pending:  # written in place without a gradient (a broadcast of equal values)
             return None
-        flat = torch.cat([f for f, _ in self._pending])
-        before = torch.cat([v for _, v in self._pending])
-        self._pending.clear()
-        # an entry handed out twice (accumulation) was recorded with the same value both times
-        flat, inverse = torch.unique(flat, return_inverse=True)
-        before = before.new_empty(flat.numel()).scatter_(0, inverse, before)
+        flat, before = self._take_pending()
         diff = self.delta.detach().reshape(-1)[flat] - before
         moved = diff.ne(0)
         if not bool(moved.any()):
             return None
         return _Change(self._plan(flat[moved]), diff[moved], before[moved], flat[moved])
 
-    def _sharded_change(self):
-        from .sharding import all_gather_cat, shard_rows
-
-        S = self.delta.detach()
-        local = S.to_local().reshape(-1)  # this rank's rows of S, flattened
-        flat = torch.cat([f for f, _ in self._pending]) if self._pending else local.new_zeros(0, dtype=torch.long)
-        before = torch.cat([v for _, v in self._pending]) if self._pending else local.new_zeros(0)
+    def _take_pending(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat indices, values of S before) of the entries handed out since the last fold, each once;
+        the record is cleared. An entry handed out twice (accumulation) was recorded with one value."""
+        if not self._pending:
+            return torch.zeros(0, dtype=torch.long, device=self.U.device), torch.zeros(0, device=self.U.device)
+        flat = torch.cat([f for f, _ in self._pending])
+        before = torch.cat([v for _, v in self._pending])
         self._pending.clear()
         flat, inverse = torch.unique(flat, return_inverse=True)
-        before = before.new_empty(flat.numel()).scatter_(0, inverse, before)
+        return flat, before.new_empty(flat.numel()).scatter_(0, inverse, before)
+
+    def _sharded_change(self):
+        S = self.delta.detach()
+        local = S.to_local().reshape(-1)  # this rank's rows of S, flattened
+        flat, before = self._take_pending()  # local flat indices
         diff = local[flat] - before
         moved = diff.ne(0)
         offset = shard_rows(S)[0] * self.out_features
@@ -613,9 +621,7 @@ class DynamicSparseGradLinear(SparseGradLinear):
         """With topk_in_backward=False: the top-k of the complete (accumulated, all-reduced) gradient."""
         grad = self.delta.grad
         if grad is not None and self.sharded:  # this rank's rows of the reduced gradient: the global top-k
-            from .sharding import keep_global_topk
-
-            keep = keep_global_topk(self, grad)
+            keep = keep_global_topk(grad, self.k)
             self._pending.append((keep, self.delta.detach().to_local().reshape(-1)[keep]))
         elif grad is not None:
             self.delta.grad = self._sparse_topk(grad.to_dense() if grad.is_sparse else grad)

@@ -26,15 +26,13 @@ and adapters are the same sharded or not; `full_state_dict` gathers one onto eve
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor
 
+from .collectives import shard_rows
 from .model import defer_topk, sparse_layers
-from .sparse_linear import SparseLinear
 
 HOLDER = "sharded_trainable"
 
@@ -114,19 +112,7 @@ def _unsharded_names(module, state_dict, prefix, local_metadata) -> None:
     if key in state_dict:
         state_dict[prefix + holder.name] = state_dict.pop(key)
     if prefix + "w0_index" in state_dict:
-        lo, _ = shard_rows(module.weight)
-        index, value = all_gather_cat([module.w0_index.long() + lo * module.in_features, module.w0_value],
-                                      module.weight.device_mesh.get_group())
-        state_dict[prefix + "w0_index"], state_dict[prefix + "w0_value"] = index.to(module.w0_index.dtype), value
-
-
-def local_w0(layer: SparseLinear, state_dict: dict, prefix: str) -> None:
-    """The whole weight's kept pretrained entries in a state dict -> this rank's rows' (in place)."""
-    lo, hi = shard_rows(layer.weight)
-    index, value = state_dict[prefix + "w0_index"].long(), state_dict[prefix + "w0_value"]
-    mine = (index >= lo * layer.in_features) & (index < hi * layer.in_features)
-    state_dict[prefix + "w0_index"] = (index[mine] - lo * layer.in_features).to(layer.w0_index.dtype)
-    state_dict[prefix + "w0_value"] = value[mine]
+        module.whole_w0(state_dict, prefix)
 
 
 def _sharded_names(module, state_dict, prefix, *args) -> None:
@@ -145,58 +131,6 @@ def fold(model: nn.Module) -> None:
     Collective: every rank calls it (sparsegrad.optimizer does, after each step)."""
     for layer in sparse_layers(model).values():
         layer.sync()
-
-
-# ---------------------------------------------------------------- shards and collectives
-
-def shard_rows(t: DTensor) -> tuple[int, int]:
-    """The rows [lo, hi) of a dim-0 sharded tensor that this rank holds (torch.chunk's split)."""
-    if tuple(t.placements) != (Shard(0),):
-        raise ValueError(f"expected a tensor sharded along dim 0, got placements {t.placements}")
-    mesh = t.device_mesh
-    chunk = math.ceil(t.shape[0] / mesh.size())
-    lo = min(mesh.get_local_rank() * chunk, t.shape[0])
-    return lo, lo + t.to_local().shape[0]
-
-
-def all_gather_cat(tensors: list[torch.Tensor], group=None) -> list[torch.Tensor]:
-    """Each 1-d tensor of `tensors` concatenated over the ranks of `group`, in rank order (lengths may differ)."""
-    world = dist.get_world_size(group)
-    n = torch.tensor([tensors[0].numel()], device=tensors[0].device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
-    sizes = [int(s) for s in sizes]
-    out = []
-    for t in tensors:
-        padded = t.new_zeros(max(sizes))
-        padded[:t.numel()] = t
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded, group=group)
-        out.append(torch.cat([p[:s] for p, s in zip(parts, sizes)]))
-    return out
-
-
-def global_topk(local: torch.Tensor, k: int, offset: int, group=None) -> torch.Tensor:
-    """Flat indices into `local` (this rank's shard, starting at flat index `offset` of the whole
-    tensor) of the whole tensor's k largest |entries|. Exact: each of those is among the k largest
-    of its own shard, so gathering every shard's k largest and keeping the k largest finds them."""
-    flat = local.reshape(-1)
-    values, index = torch.topk(flat.abs(), min(k, flat.numel()), sorted=False)
-    values, index = all_gather_cat([values, index + offset], group)
-    chosen = index[torch.topk(values, min(k, values.numel()), sorted=False).indices]
-    return chosen[(chosen >= offset) & (chosen < offset + flat.numel())] - offset
-
-
-@torch.no_grad()
-def keep_global_topk(layer: SparseLinear, grad: DTensor) -> torch.Tensor:
-    """Zero all but the global top-k entries of a sharded gradient, in place; return their local flat indices."""
-    local = grad.to_local()
-    lo, _ = shard_rows(grad)
-    keep = global_topk(local, layer.k, lo * local.shape[1], grad.device_mesh.get_group())
-    kept = local.reshape(-1)[keep]
-    local.zero_()
-    local.view(-1)[keep] = kept
-    return keep
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

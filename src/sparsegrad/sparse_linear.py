@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.profiler import record_function
 
+from .collectives import keep_global_topk
+
 # Rows of dy are gathered (the zero rows skipped) when at most this share is non-zero.
 _ROW_SKIP_BELOW = 0.9
 
@@ -259,9 +261,7 @@ class SparseLinear(nn.Module):
         accumulation and the data-parallel all-reduce), zeros elsewhere."""
         grad = self.trainable.grad
         if grad is not None and self.sharded:
-            from .sharding import keep_global_topk
-
-            keep_global_topk(self, grad)
+            keep_global_topk(grad, self.k)
         elif grad is not None:
             grad.copy_(topk_dense(grad, self.k))
 

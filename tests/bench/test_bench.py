@@ -139,7 +139,7 @@ def test_layer_bench_ratios_against_full_ft_from_the_same_run(tmp_path, capsys):
 def test_sharded_bench_bytes_fall_with_the_processes(tmp_path):
     """`bench sharded` on a tiny LLaMA shape at 1 and 2 processes: the sharded bytes halve (to FSDP's
     rounding of odd rows), what is replicated stays, and the projection is the documented arithmetic."""
-    from sparsegrad.bench import sharded
+    from sparsegrad.bench import llm, sharded
 
     out = tmp_path / "sharded"
     argv = ["bench", "sharded", "--shapes", "tiny", "--methods", "fixed", "lora", "--processes", "1", "2",
@@ -153,7 +153,9 @@ def test_sharded_bench_bytes_fall_with_the_processes(tmp_path):
         assert two["sharded"] == pytest.approx(one["sharded"] / 2, rel=0.02)
         assert (two["replicated"], two["bases"]) == (one["replicated"], one["bases"])
     fixed = by[("fixed", 1)]["ranks"][0]
-    assert fixed["bases"] > 0 and fixed["replicated"]["block0"] > 0 and "block1" not in fixed["replicated"]
+    h, m = llm.SHAPES["tiny"]["hidden_size"], llm.SHAPES["tiny"]["intermediate_size"]
+    assert fixed["bases"] == 2 * (h * h + m * m) * 4  # once per role (up, down), float32, on every process
+    assert fixed["replicated"]["block0"] > 0 and "block1" not in fixed["replicated"]
     proj = result["projections"]["fixed"]["7B"]
     assert proj["total_per_gpu"] == pytest.approx(proj["sharded_per_gpu"] + proj["replicated"] + proj["bases"])
     assert "Projected per GPU at 8 GPUs" in (out / "sharded-cpu-tiny.md").read_text()
