@@ -242,6 +242,18 @@ def _llm_section(results: Path) -> list[str]:
     return lines
 
 
+SHARDED_SETUP = (
+    "`sparsegrad bench sharded`: a decoder with LLaMA-2-7B's shapes and 2 blocks in bfloat16 (block 0 a target of "
+    "the paper's decoder setting, up_proj and down_proj at 1%; block 1 not), each method under torchrun at 1, 2 and "
+    "4 processes with `sparsegrad.shard`, batch 1 per process. Every process counts the bytes it holds: *sharded* "
+    "(its shards of the parameters, their gradients, optimizer state and S), *replicated* (what FSDP does not "
+    "shard: the fixed support's indices and last folded values, a few kept pretrained entries of bfloat16 rows) "
+    "and the *bases* (a float32 pair per role, whole on every process); the table gives the largest process. "
+    "The projection per GPU adds the 1-process measurement's parts for the whole model: 7B = the rest of the "
+    "model + 11 target blocks + 21 other blocks (sharded parts divided by the GPUs); 70B = the same with each "
+    "part scaled by its count at 70B's shapes (80 blocks, 27 targets) -- an extrapolation from 7B-shape blocks.")
+
+
 def _sharded_section(results: Path) -> list[str]:
     from . import sharded as sharded_bench
 
@@ -250,9 +262,7 @@ def _sharded_section(results: Path) -> list[str]:
         result = _load(path)
         m = result["meta"]
         if not lines:
-            doc = sharded_bench.__doc__.split("\n\n")
-            lines = ["## Sharded training (FSDP2): bytes per process", "", doc[2].replace("\n", " "), "",
-                     doc[3].replace("\n", " "), ""]
+            lines = ["## Sharded training (FSDP2): bytes per process", "", SHARDED_SETUP, ""]
         title = (f"### `{path.name}`: {m['device']}, shapes {m['shapes']}, {m['blocks']} blocks, sequence {m['seq']}, "
                  f"batch 1 per process, LoRA rank {m['lora_rank']}")
         lines += [title, "", sharded_bench.markdown(result), "",

@@ -10,8 +10,9 @@ paper's decoder setting (up_proj and down_proj at 1%), block 1 not: one block of
 method applied, `sparsegrad.shard`, and `--steps` training steps on batch 1 of `--seq` random tokens
 per process. Every rank counts the bytes it holds, by owner (block 0, block 1, the rest) and kind:
   sharded     its shards of the parameters, their gradients and optimizer state (S's tensor included)
-  replicated  what every rank holds whole: the fixed support's indices and last folded values, the
-              kept pretrained entries of low-precision weights; and apart, the bases (a pair per role)
+  replicated  what FSDP does not shard: the fixed support's indices and last folded values (whole on
+              every rank), the kept pretrained entries of its rows of low-precision weights (a few);
+              and apart, the bases (a pair per role, whole on every rank)
 and its peak RSS and seconds per step (on CPU, with the processes sharing its cores: a rough guide).
 The bases are identity matrices with real ones' size, the fixed support comes from random energy:
 what is measured is cost, not quality.
