@@ -20,6 +20,7 @@ from .layer import DynamicSparseGradLinear, FixedSparseGradLinear, SparseGradLin
 from .meprop import MePropLinear
 from .model import apply, merge, sparse_layers, sparsify_gradients, trainable_parameters
 from .optim import SparseAdamW, clip_grad_norm_, optimizer
+from .refresh import SupportRefresh
 from .sharding import shard
 from .targets import DEFAULT_TARGETS, find_targets
 
@@ -44,6 +45,7 @@ __all__ = [
     "MePropLinear",
     "SparseAdamW",
     "SparseGradLinear",
+    "SupportRefresh",
     "__version__",
     "apply",
     "clip_grad_norm_",

@@ -141,7 +141,8 @@ class SparseGradLinear(SparseLinear):
     def _apply(self, fn, recurse=True):
         # the bases stay shared between layers; they and S stay at least float32
         bases = {name: self._buffers.pop(name) for name in ("U", "V") if self._buffers.get(name) is not None}
-        kept = {name: t for name, t in (*self._parameters.items(), *self._buffers.items()) if name in self._master}
+        kept = {name: t for name, t in (*self._parameters.items(), *self._buffers.items())
+                if name in self._master and t is not None}
         for name in kept:
             (self._parameters if name in self._parameters else self._buffers).pop(name)
         try:
@@ -191,7 +192,7 @@ class SparseGradLinear(SparseLinear):
         state_dict[prefix + "w0_index"] = (index[mine] - lo * self.in_features).to(self.w0_index.dtype)
         state_dict[prefix + "w0_value"] = value[mine]
 
-    _master = ("values", "delta", "_merged")  # S and its fold record: never narrowed below float32
+    _master = ("values", "delta", "_merged", "frozen_values")  # S and its fold record: never narrowed below float32
 
     def trained_entries(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, cols, values) of S's trained entries: what an adapter stores."""
@@ -349,6 +350,15 @@ class SparseGradLinear(SparseLinear):
         weight.view(-1).copy_(new)
 
 
+def _lookup(sorted_keys: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, missing: float) -> torch.Tensor:
+    """values[i] where sorted_keys[i] == key, for each key; `missing` where no key matches."""
+    pos = torch.searchsorted(sorted_keys, keys).clamp_(max=max(sorted_keys.numel() - 1, 0))
+    found = sorted_keys[pos] == keys if sorted_keys.numel() else torch.zeros_like(keys, dtype=torch.bool)
+    out = torch.full(keys.shape, missing, dtype=values.dtype, device=values.device)
+    out[found] = values[pos[found]]
+    return out
+
+
 @dataclass
 class _Change:
     """What changed in S since the last fold: diff = S - S_folded at the plan's entries (caller order);
@@ -382,6 +392,11 @@ class FixedSparseGradLinear(SparseGradLinear):
         self._order_support(*support)
         self.values = nn.Parameter(torch.zeros(k, device=self.rows.device, dtype=master_dtype(self.weight.dtype)))
         self.register_buffer("_merged", torch.zeros_like(self.values.data))  # values folded
+        # entries of S that left the support at a refresh (refresh_support): still folded in the weight and
+        # saved in the adapter, no longer trained; None (not in the state dict) until a refresh makes some
+        for name in ("frozen_rows", "frozen_cols", "frozen_values"):
+            self.register_buffer(name, None)
+        self.energy: torch.Tensor | None = None  # (d_in, d_out) sum of (U G V^T)^2 while recording (refresh)
         self._plan: SupportPlan | None = None
         self._plan_key = None
 
@@ -430,7 +445,49 @@ class FixedSparseGradLinear(SparseGradLinear):
 
     def trained_entries(self):
         values = self.values.detach()
-        return self.rows.long(), self.cols.long(), values.full_tensor() if self.sharded else values
+        values = values.full_tensor() if self.sharded else values
+        if self.frozen_rows is None:
+            return self.rows.long(), self.cols.long(), values
+        return (torch.cat((self.rows.long(), self.frozen_rows.long())),
+                torch.cat((self.cols.long(), self.frozen_cols.long())), torch.cat((values, self.frozen_values)))
+
+    # ------------------------------------------------------------------ the support refresh
+    def record_energy(self, on: bool = True) -> None:
+        """Start (or stop and drop) summing the energy of the transformed gradient, (U G V^T)^2 over the
+        coming backward passes: what refresh_support chooses the next support from."""
+        self.energy = torch.zeros(self.in_features, self.out_features, dtype=torch.float32,
+                                  device=self.weight.device) if on else None
+
+    @torch.no_grad()
+    def refresh_support(self) -> torch.Tensor:
+        """Make the k entries of largest recorded energy the support (the bases are kept), and stop recording.
+
+        S itself does not change, so neither does the weight: an entry that stays keeps its value, one that
+        leaves keeps its value in the frozen part (folded, saved in the adapter, no longer trained), one that
+        joins starts from its frozen value or zero. Returns, per new support position, the old position of the
+        entry there or -1: what an optimizer's state is carried by (see sparsegrad.refresh)."""
+        if self.energy is None:
+            raise RuntimeError("refresh_support chooses from the recorded gradient energy: call record_energy() "
+                               "and run some backward passes first")
+        if self.sharded or self.weight.dtype in LOW_PRECISION:
+            raise NotImplementedError("the support refresh runs on float32 / float64 weights, unsharded")
+        self.sync()
+        d_out = self.out_features
+        old_key = self.rows.long() * d_out + self.cols.long()  # (k,) in the values' order
+        rows, cols, values = self.trained_entries()  # the whole S: support, then frozen entries
+        all_key, by_key = torch.sort(rows * d_out + cols)
+        all_values = values[by_key]
+        self._order_support(*topk_support(self.energy, self.k))
+        self.energy, self._plan = None, None
+        new_key = self.rows.long() * d_out + self.cols.long()
+        self.values.data.copy_(_lookup(all_key, all_values, new_key, 0.0))
+        self._merged.copy_(self.values.data)
+        frozen = ~torch.isin(all_key, new_key)
+        frozen_key = all_key[frozen]
+        self.frozen_rows, self.frozen_cols = (frozen_key // d_out).to(self.rows.dtype), (frozen_key % d_out).to(self.rows.dtype)
+        self.frozen_values = all_values[frozen]
+        order = torch.argsort(old_key)
+        return _lookup(old_key[order], order, new_key, -1)
 
     def _changed(self):
         diff = self.values.detach() - self._merged
@@ -472,9 +529,22 @@ class FixedSparseGradLinear(SparseGradLinear):
         order = self._order_support(rows, cols)
         self.values.data.copy_(values[order])
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the frozen part is as large as the saved layer's (or absent): taken here, not by nn.Module
+        names = ("frozen_rows", "frozen_cols", "frozen_values")
+        saved = {name: state_dict.pop(prefix + name, None) for name in names}
+        for name in names:
+            setattr(self, name, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for name, t in saved.items():
+            setattr(self, name, None if t is None else t.to(self.rows.device))
+
     def _trainable_grad(self, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
         plan = self._support_plan()
         basis_dtype = self.U.dtype
+        if self.energy is not None:  # recording for a refresh: the dense transformed gradient, squared
+            g = x.to(basis_dtype).t() @ dy.to(basis_dtype)  # (d_in, t) @ (t, d_out)
+            self.energy += (self.U @ g @ self.V.t()).float().square_()  # (d_in, d_in) @ (d_in, d_out) @ (d_out, d_out)
         # plan matrix: G = x^T dy (d_in, d_out), or G^T = dy^T x when transposed
         left, right = plan.sides(x.to(basis_dtype), dy.to(basis_dtype))
         return plan.gather(left, right, *plan.sides(self.U, self.V)).to(self.values.dtype)

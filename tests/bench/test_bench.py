@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,34 +79,53 @@ def test_gram_sums_flush_to_float64():
     assert torch.allclose(acc.A, A, rtol=1e-5) and acc.A.dtype == torch.float64
 
 
-def test_glue_bench_and_results_page(glue_dir, tmp_path, capsys):
+def test_glue_bench_searches_each_lr_resumes_from_records_and_reports(glue_dir, tmp_path, capsys):
     out = tmp_path / "glue"
-    argv = ["bench", "glue", "--data-dir", str(glue_dir), "--tasks", "wnli", "--methods", "ft", "sparsegrad-fixed",
-            "--seeds", "0", "1", "--max-train-samples", "48", "--epochs", "1", "--densities", "0.01", "0.02",
-            "--ablation-task", "wnli", "--output-dir", str(out),
+    argv = ["bench", "glue", "--data-dir", str(glue_dir), "--tasks", "wnli", "--settings", "head",
+            "--methods", "lora", "--levers", "sparsegrad-warm", "--seeds", "0", "1", "--no-extend",
+            "--grid", "lora=1e-3,8e-3", "sparsegrad-warm=1e-3,8e-3",
+            "--output-dir", str(out), "--max-train-samples", "48", "--epochs", "1",
             "--max-eval-samples", "32", "--max-length", "48", "--bases-steps", "2"]  # finetune's options, for the runs
     assert main(argv) == 0
+    runs = out / "runs" / "head" / "wnli"
+    records = {p.relative_to(runs).as_posix(): json.loads(p.read_text()) for p in runs.glob("*/*.json")}
+    assert len(records) == 2 * 3  # per method: 2 lrs on seed 0, then seed 1 at the chosen one
     result = json.loads((out / "glue.json").read_text())
-    assert [r["method"] for r in result["tables"]["wnli"]] == ["ft", "sparsegrad-fixed"]
-    assert set(result["average"]) == {"ft", "sparsegrad-fixed"}
-    assert [r["density"] for r in result["ablation"]] == [0.01, 0.02]
-    assert result["ablation"][1]["trainable_mlp"] == 2 * result["ablation"][0]["trainable_mlp"]
-    assert not (out / "ablation-wnli" / "density-0.01").exists()  # 1% is the main table's run
-    assert {"max_eval_samples": 32, "max_length": 48, "bases_steps": 2}.items() <= result["meta"]["options"].items()
-    assert "| sparsegrad-fixed |" in capsys.readouterr().out
-    r = json.loads((out / "wnli" / "sparsegrad-fixed" / "seed-0" / "results.json").read_text())
-    assert len(r["nonzero_row_share"]) == r["train_steps"] and 0 < min(r["nonzero_row_share"]) <= 1
-    assert (r["config"]["max_length"], r["config"]["bases_steps"], r["data"]["dev"]) == (48, 2, 32)
+    assert result["runs"] == 6 and not list((out / "work").rglob("model.safetensors"))  # the runs' models are gone
+    for row in result["rows"]:
+        mine = {k: r for k, r in records.items() if k.startswith(row["method"] + "/")}
+        search = {r["lr"]: r["heldout_score"] for r in mine.values() if r["seed"] == 0}
+        assert row["lr"] == max(sorted(search), key=search.get)  # chosen on the held-out split, never on dev
+        at_lr = [r for r in mine.values() if r["lr"] == row["lr"]]
+        assert sorted(r["seed"] for r in at_lr) == [0, 1]
+        assert row["mean"] == pytest.approx(np.mean([r["dev_score"] for r in at_lr]))
+    warm_lr = next(row["lr"] for row in result["rows"] if row["method"] == "sparsegrad-warm")
+    r = records[f"sparsegrad-warm/lr{warm_lr:.3g}-seed1.json"]
+    assert (r["heldout_examples"], r["dev_examples"], r["train_examples"]) == (32, 32, 48)  # 127 held out, 32 scored
+    assert 0 < min(r["nonzero_row_share"]) <= 1 and r["config"]["max_length"] == 48 and "data_dir" not in r["config"]
+    assert r["config"]["bases_warmup_steps"] == 30
+    text = capsys.readouterr().out
+    assert "**PEFT setting (rest=head)**" in text and "| sparsegrad-warm |" in text
+
+    # resumed: what has a record does not run again; a lost record runs again, alone
+    lost = runs / "lora" / next(k.split("/")[1] for k, r in records.items() if k.startswith("lora/") and r["seed"] == 1)
+    lost.unlink()
+    before = {p: p.stat().st_mtime_ns for p in runs.glob("*/*.json")}
+    assert main(argv[:argv.index("--methods")] + ["--methods", "lora", "--levers"] + argv[argv.index("--seeds"):]) == 0
+    assert lost.is_file() and all(p.stat().st_mtime_ns == t for p, t in before.items())
+    # records made with other options are not mixed in
+    assert main([*argv[:-2], "--bases-steps", "3", "--methods", "lora", "--levers"]) == 2
+    assert "made with other options" in capsys.readouterr().err
 
     results = tmp_path / "results"
-    results.mkdir()
-    (results / "glue.json").write_text((out / "glue.json").read_text())
+    (results / "glue").mkdir(parents=True)
+    (results / "glue" / "glue.json").write_text((out / "glue.json").read_text())
     page = tmp_path / "docs" / "results.md"
     assert main(["bench", "report", "--results", str(results), "--glue-runs", str(out), "--output", str(page)]) == 0
     text = page.read_text()
-    assert "## GLUE" in text and "Sparsity ablation" in text and "(../results/density.png)" in text
-    assert (results / "density.png").stat().st_size > 0 and (results / "row_share.png").stat().st_size > 0
-    assert set(json.loads((results / "row_share.json").read_text())["wnli"]) == {"sparsegrad-fixed"}
+    assert "## GLUE, each method at its own learning rate" in text and "| sparsegrad-warm |" in text
+    assert "PEFT setting: best per task: wnli" in text and "6 runs" in text
+    assert set(json.loads((results / "row_share.json").read_text())["wnli"]) == {"sparsegrad-warm"}
 
 
 def test_report_errors_and_bad_options(tmp_path, capsys):

@@ -1,5 +1,6 @@
 """The fine-tuning recipe's pieces, called directly on tiny models: a step, an evaluation, a resume."""
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -114,3 +115,60 @@ def test_resume_reaches_the_uninterrupted_result(tiny_llama_dir, chat_file, tmp_
     assert result.final["validation"]["loss"] == pytest.approx(whole.final["validation"]["loss"], rel=1e-6)
     assert RunResult.load(tmp_path / "killed" / "results.json") == result
     assert finetune(cfg, tmp_path / "killed", resume=True) == result  # a finished run answers from its file
+
+
+def test_heldout_split_selects_and_dev_is_only_reported(tmp_path):
+    from sparsegrad.recipes.data import HELDOUT, load_task
+
+    whole = load_task("bbcnews")
+    data = load_task("bbcnews", heldout=0.1, max_train_samples=60)
+    held = data.eval[HELDOUT]
+    assert list(data.eval) == [HELDOUT, "validation"] and len(held) == round(0.1 * len(whole.train))
+    texts = {e["text"] for e in held}
+    assert not texts & {e["text"] for e in data.train}  # held out: never trained on
+    assert [e["text"] for e in load_task("bbcnews", heldout=0.1).eval[HELDOUT]] == [e["text"] for e in held]
+    with pytest.raises(ValueError, match="--heldout"):
+        load_task("bbcnews", heldout=len(whole.train))
+
+    cfg = RunConfig(max_train_samples=48, max_eval_samples=24, heldout=24, max_length=32, batch_size=8, method="ft",
+                    rest="head", epochs=1, lr=1e-3, cpu=True)
+    result = finetune(cfg, tmp_path / "run", progress=False)
+    assert list(result.final) == [HELDOUT, "validation"]
+    assert result.score == result.final[HELDOUT]["accuracy"] == max(h[HELDOUT]["accuracy"] for h in result.history)
+
+
+def test_bases_after_a_head_warmup_see_a_head_that_learned(minilm_path, tmp_path):
+    cfg = RunConfig(max_train_samples=64, max_eval_samples=16, max_length=32, batch_size=16, rest="head",
+                    bases_steps=2, bases_warmup_steps=6, lr=5e-3, cpu=True)
+    warm = FineTuneRecipe(cfg, tmp_path / "warm", progress=False)
+    warm.setup_data()
+    warm.setup_model()
+    head = {n: p.detach().clone() for n, p in warm.model.named_parameters() if n.startswith("classifier")}
+    encoder = {n: p.detach().clone() for n, p in warm.model.named_parameters() if not n.startswith("classifier")}
+    warm.setup_bases()
+    info = warm.bases_info["head_warmup"]
+    assert info["steps"] == 6 and info["last_loss"] < info["first_loss"]
+    after = dict(warm.model.named_parameters())
+    assert all(not torch.equal(after[n], p) for n, p in head.items())  # the head moved ...
+    assert all(torch.equal(after[n], p) for n, p in encoder.items())  # ... and nothing else did
+    assert all(p.requires_grad for p in warm.model.parameters())  # the flags as they were, for prepare
+
+    cold = FineTuneRecipe(replace(cfg, bases_warmup_steps=0), tmp_path / "cold", progress=False)
+    cold.setup_data()
+    cold.setup_model()
+    cold.setup_bases()
+    role = next(iter(warm.bases.U))
+    assert not torch.allclose(warm.bases.U[role].abs(), cold.bases.U[role].abs(), atol=1e-3)
+
+
+def test_support_refresh_in_the_recipe(minilm_path, tmp_path):
+    cfg = RunConfig(max_train_samples=64, max_eval_samples=16, max_length=32, batch_size=16, rest="head", epochs=2,
+                    bases_steps=2, refresh_steps=3, lr=5e-3, cpu=True)
+    recipe = _ready(cfg, tmp_path)
+    layer = recipe.raw.bert.encoder.layer[0].intermediate.dense
+    support = layer.rows.clone(), layer.cols.clone()
+    recipe.train()  # 8 steps: refreshes after steps 3 and 6
+    assert recipe.refresh.refreshes == 2 and layer.frozen_rows is not None
+    assert not (torch.equal(layer.rows, support[0]) and torch.equal(layer.cols, support[1]))
+    result = recipe.finish()
+    assert result.status == "finished" and result.final["validation"]["accuracy"] > 0

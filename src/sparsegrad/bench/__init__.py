@@ -5,7 +5,7 @@
     llm     LLaMA-2-7B shapes in bfloat16: peak memory and state per method, projected to 32 blocks
     sharded FSDP2 at 1, 2, 4 processes: bytes per process, projected per GPU for 7B and 70B
     bases   the preliminary phase: streaming Gram sums against unfold-and-SVD
-    glue    methods x GLUE tasks x seeds and the sparsity ablation (Tables 4, 11, 12)
+    glue    methods x GLUE tasks, each at its own lr, PEFT and paper settings, and the levers (Table 4)
     chat    instruction tuning of the embedded decoder per method (Table 6)
     adapter the peft adapter's size, bases embedded or by reference, against LoRA
     report  docs/results.md and the pictures, from the JSON the others wrote

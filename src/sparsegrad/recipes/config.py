@@ -37,6 +37,9 @@ class RunConfig:
                                         "tree), a folder with train.jsonl + validation.jsonl, or a datasets folder")
     max_train_samples: int | None = option(None, "a fixed random subset of the training set")
     max_eval_samples: int | None = option(None, "a fixed random subset of each evaluation split")
+    heldout: float | None = option(None, "hold out this share (< 1) or number of training examples as the split "
+                                         "that selects the best model and stops early; the task's own evaluation "
+                                         "splits are then only reported (an lr search that never sees dev)")
     max_length: int = option(128, "truncation length in tokens")
     # model and method
     model: str | None = option(None, "local model folder or hub name (default: the embedded all-MiniLM-L6-v2; "
@@ -55,6 +58,11 @@ class RunConfig:
                                       "from block 0; 'every:3:1' from block 1)")
     lora_rank: int | None = option(None, "LoRA rank (default: matched to the sparse trainable count)")
     bases_steps: int = option(11, "preliminary-phase batches (BERT-base: 11 x 12 blocks = 132 slices)")
+    bases_warmup_steps: int = option(0, "SparseGrad: train the task head alone for N steps before the preliminary "
+                                        "phase, so that the bases and the fixed support see the gradients of a head "
+                                        "that has begun to learn")
+    refresh_steps: int | None = option(None, "SparseGrad fixed: re-choose the support every N steps from the "
+                                             "gradient energy of the steps just before (the bases are kept)")
     # training
     epochs: int | None = option(None, "default: the task's (GLUE 20 as in the paper, bbcnews 2, chat 1)")
     max_steps: int | None = option(None, "stop after this many optimizer steps")

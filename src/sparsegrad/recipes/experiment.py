@@ -45,7 +45,7 @@ def validate(cfg: RunConfig, bases: str | None = None) -> TaskData:
     if cfg.density is not None and cfg.n_params is not None:
         raise ValueError("pass --density or --n-params, not both")
     for name in ("epochs", "max_steps", "batch_size", "grad_accum", "max_length", "bases_steps", "eval_steps",
-                 "save_steps", "max_prompts", "max_new_tokens"):
+                 "save_steps", "max_prompts", "max_new_tokens", "refresh_steps"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
@@ -54,7 +54,7 @@ def validate(cfg: RunConfig, bases: str | None = None) -> TaskData:
     if bases is not None and not Path(bases).is_file():
         raise ValueError(f"--bases {bases}: no such file; pass a file saved by Bases.save (e.g. a run's "
                          "bases.safetensors) or leave --bases out to compute them")
-    data = load_task(cfg.task, cfg.data_dir, max_train_samples=cfg.max_train_samples,
+    data = load_task(cfg.task, cfg.data_dir, max_train_samples=cfg.max_train_samples, heldout=cfg.heldout,
                      max_eval_samples=cfg.max_eval_samples)
     if cfg.prompts:
         if not kind_of(data.task).answers_prompts:
@@ -71,8 +71,19 @@ def validate(cfg: RunConfig, bases: str | None = None) -> TaskData:
         sparse_budget(layers, cfg.density, cfg.n_params)
     except ValueError as err:
         raise ValueError(f"{'--n-params' if cfg.n_params is not None else '--density'}: {err}") from None
-    if cfg.rest == "head":
+    if cfg.rest == "head" or cfg.bases_warmup_steps:
         head_parameters(model)
+    if cfg.bases_warmup_steps < 0:
+        raise ValueError(f"--bases-warmup-steps must be 0 or more, got {cfg.bases_warmup_steps}")
+    if cfg.bases_warmup_steps and cfg.method != "sparsegrad":
+        raise ValueError("--bases-warmup-steps warms the head up before SparseGrad's preliminary phase: it belongs "
+                         "to --method sparsegrad")
+    if cfg.bases_warmup_steps and bases is not None:
+        raise ValueError("--bases-warmup-steps computes the bases after the warm-up: leave --bases out")
+    if cfg.refresh_steps is not None and (cfg.method, cfg.mode) != ("sparsegrad", "fixed"):
+        raise ValueError("--refresh-steps re-chooses the fixed support: it belongs to --method sparsegrad --mode fixed")
+    if cfg.refresh_steps is not None and (cfg.dtype != "float32" or cfg.fsdp):
+        raise ValueError("--refresh-steps runs on float32 weights without --fsdp: leave --dtype and --fsdp out")
     return data
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sparsegrad import Bases, compute_bases
+from sparsegrad import Bases, SupportRefresh, compute_bases
 from sparsegrad import optimizer as make_optimizer
 from sparsegrad.adapter import plain_model_bytes, save_adapter
 from sparsegrad.model import defer_topk, sparsify_gradients, take_row_share
@@ -61,7 +61,7 @@ from .data import encode_task, load_task
 from .kinds import kind_of
 from .machine import versions
 from .memory import peak_memory, reset_peak_memory
-from .methods import METHODS, prepare
+from .methods import METHODS, head_parameters, prepare
 from .models import default_model, load_model
 from .results import RunResult
 from .tasks import TaskData
@@ -125,6 +125,7 @@ class FineTuneRecipe:
         self.setup_optimizer()
         if resume:
             self.load_checkpoint()
+        self.setup_refresh()
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.state.baseline is None:
@@ -133,7 +134,7 @@ class FineTuneRecipe:
     def setup_data(self) -> None:
         cfg = self.cfg
         self.data = self.data or load_task(cfg.task, cfg.data_dir, max_train_samples=cfg.max_train_samples,
-                                           max_eval_samples=cfg.max_eval_samples)
+                                           max_eval_samples=cfg.max_eval_samples, heldout=cfg.heldout)
         self.task, self.kind = self.data.task, kind_of(self.data.task)
 
     def setup_model(self) -> None:
@@ -175,6 +176,7 @@ class FineTuneRecipe:
         self.bases, self.bases_info = None, None
         if not METHODS[self.cfg.method].needs_bases:
             return
+        warmup = self.warm_up_head() if self.cfg.bases_warmup_steps else None
         result = None
         if self.world == 1 or self.is_main:
             result = self._load_or_compute_bases()
@@ -182,6 +184,33 @@ class FineTuneRecipe:
             result = _broadcast_bases(result, self.is_main)
         self.bases, self.bases_info = result
         self.bases_info["top1pct_energy_share"] = _mean_shares(self.bases)
+        if warmup is not None:
+            self.bases_info["head_warmup"] = warmup
+
+    def warm_up_head(self) -> dict:
+        """The task head alone trains for `bases_warmup_steps` steps (AdamW at the run's lr, constant),
+        so that the preliminary phase's gradients, and the fixed support chosen from them, are those of
+        a head that has begun to learn rather than of a random one. The steps are the first batches of
+        the first epoch; every process takes the same ones, so every rank's head comes out alike."""
+        cfg, model = self.cfg, self.model
+        head = head_parameters(model)
+        trains = {p: p.requires_grad for p in model.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in head:
+            p.requires_grad_(True)
+        optimizer = torch.optim.AdamW(head, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        losses = []
+        for i in range(cfg.bases_warmup_steps):
+            batch = to_device(self.batcher.batch(0, i % len(self.batcher)), self.device)
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        for p, flag in trains.items():
+            p.requires_grad_(flag)
+        return {"steps": cfg.bases_warmup_steps, "first_loss": losses[0], "last_loss": losses[-1]}
 
     def _load_or_compute_bases(self) -> tuple[Bases, dict]:
         if self.bases_file.is_file():
@@ -222,6 +251,13 @@ class FineTuneRecipe:
         self.optimizer = make_optimizer(self.raw, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(self.optimizer, round(cfg.warmup_ratio * self.total_steps),
                                                          self.total_steps)
+
+    def setup_refresh(self) -> None:
+        """fixed SparseGrad with refresh_steps: the support re-chosen every N steps (from the energy of the
+        4 steps before each refresh, or all N when fewer), counting from where a resumed run stands."""
+        n = self.cfg.refresh_steps
+        self.refresh = None if n is None else SupportRefresh(self.raw, self.optimizer, every=n, window=min(4, n),
+                                                             steps=self.state.step)
 
     # ---------------------------------------------------------------- checkpoints
     @property
@@ -296,6 +332,8 @@ class FineTuneRecipe:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.refresh is not None:
+            self.refresh.step()
         (loss_total,) = self._sum_over_processes(loss_sum)  # also waits for the device: the step time is complete
         return loss_total / step_items
 
