@@ -249,3 +249,27 @@ def test_adapter_bench_sizes_and_reproduction(tiny_llama_dir, chat_file, tmp_pat
         assert probe["float16_rows_bytes"] < embedded["bytes"]
         assert all(0 < n <= d for n, d in probe["basis_rows"].values())
     assert "bases by reference" in capsys.readouterr().out
+
+
+def test_chat_bench_searches_each_lr_by_the_lowest_held_out_loss(tiny_llama_dir, chat_file, tmp_path, capsys):
+    out = tmp_path / "chat"
+    argv = ["bench", "chat", "--data-dir", str(chat_file), "--model", str(tiny_llama_dir), "--methods", "lora",
+            "sparsegrad-fixed", "--bf16-methods", "--seeds", "0", "1", "--grid", "1e-3", "1e-2", "--no-extend",
+            "--targets", "up_proj", "down_proj", "--blocks", "all", "--density", "0.1", "--bases-steps", "2",
+            "--max-length", "64", "--batch-size", "8", "--heldout", "0.25", "--cpu", "--output-dir", str(out)]
+    assert main(argv) == 0
+    result = json.loads((out / "chat.json").read_text())
+    assert result["runs"] == 6 and {r["method"] for r in result["rows"]} == {"lora", "sparsegrad-fixed"}
+    for row in result["rows"]:
+        assert row["greater_is_better"] is False and row["seeds"] == [0, 1]
+        losses = {float(lr): v for lr, v in row["search"].items()}
+        assert row["lr"] == min(losses, key=losses.get)  # the lower held-out loss wins
+        assert row["mean"] > 0 and row["dev_baseline"] > row["mean"]  # trained below the untrained model
+    assert "| sparsegrad-fixed |" in capsys.readouterr().out
+
+    results = tmp_path / "results"
+    (results / "chat").mkdir(parents=True)
+    (results / "chat" / "chat.json").write_text((out / "chat.json").read_text())
+    page = tmp_path / "results.md"
+    assert main(["bench", "report", "--results", str(results), "--output", str(page)]) == 0
+    assert "## Instruction tuning (paper Table 6)" in page.read_text()

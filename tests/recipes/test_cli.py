@@ -191,7 +191,7 @@ def test_bad_inputs_are_one_clear_line(glue_dir, tmp_path, capsys):
         ["finetune", *small, "--method", "ft", "--max-steps", "2", "--output-dir", str(run)], capsys)
     line = _error(["finetune", *small, "--method", "ft", "--max-steps", "2", "--lr", "0.001", "--resume",
                    "--output-dir", str(run)], capsys)
-    assert "holds a different run (lr 0.0001 -> 0.001)" in line
+    assert "holds a different run (lr default -> 0.001)" in line
     assert _digest(run) == before
 
 

@@ -5,43 +5,33 @@ in the PEFT setting (`rest=head`: the task head and the MLP method train) and th
     sparsegrad bench glue --data-dir ../shared/glue --output-dir docs/results/glue
     sparsegrad bench glue --data-dir ../shared/glue --tasks sst2 --settings head   # one sitting's share
 
-Per setting, task and method:
-1. the learning-rate search: seed 0 at each lr of the method's grid (3 values, 4x apart), trained on
-   the training subset, with 500 other training examples (at most a fifth of the set) held out as the
-   selection split (--heldout);
-   when the best lr sits at an edge of the grid, one more lr beyond it;
-2. seeds 1 and 2 at the lr with the best held-out score;
-3. the score: the dev set's metric of the three seeds' best models (mean ± std) -- dev is never used
-   to choose anything.
+Per setting, task and method, protocol.py's search: seed 0 at each lr of the method's grid (3 values,
+4x apart; one more past a winning edge), trained on the training subset with 500 other training
+examples (at most a fifth of the set) held out to select on (--heldout); then seeds 1 and 2 at the
+chosen lr; the score is the dev set's metric, mean ± std over the seeds -- dev chooses nothing.
 The levers of SparseGrad (support refresh, bases after a head warm-up) run in the PEFT setting
 beside the others.
 
-Every finished run leaves a small JSON record, out/runs/<setting>/<task>/<method>/lr<lr>-seed<s>.json
-(scores, lr, cost, when it ran), and nothing else: the run's model is deleted once recorded. A
-killed bench resumes from the records (and a killed run from its checkpoint), so the table can be
-built over several sittings; commit the records. out/glue.json and out/glue.md are rebuilt from
-every record found, each time the bench runs (`--report-only`: without running anything).
+Each run's record is out/runs/<setting>/<task>/<method>/lr<lr>-seed<s>.json; the bench resumes from
+them, so the table can be built over several sittings: commit them. out/glue.json and out/glue.md
+are rebuilt from every record found, each time the bench runs (`--report-only`: without running).
 """
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import math
-import shutil
 import sys
-import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
-
-import numpy as np
 
 from sparsegrad.util import write_json_atomic, write_text_atomic
 
 from ..recipes.config import RunConfig, from_args
 from ..recipes.config import add_arguments as add_config_arguments
-from ..recipes.process import WorkerError, run_in_process
 from ..recipes.tasks import GLUE_FOLDERS, TASKS
+from .protocol import cell, group_spec, read_records, run_groups, search_and_seeds, summarize
+
+# workers started by an older run of this bench name their entry here
+__all__ = ["search_and_seeds"]
 
 SETTINGS = ("head", "all")
 # method label -> the run options that make it; its default lr grid (3 values, 4x apart)
@@ -61,7 +51,6 @@ GRIDS = {  # the centre is where the method learned on short probes; the search 
     "head": {"ft": (1e-4, 4e-4, 1.6e-3), "meprop": (1e-4, 4e-4, 1.6e-3), "default": (5e-4, 2e-3, 8e-3)},
     "all": {"ft": (2.5e-5, 1e-4, 4e-4), "meprop": (2.5e-5, 1e-4, 4e-4), "default": (1e-4, 4e-4, 1.6e-3)},
 }
-GRID_STEP = 4.0
 PROTOCOL = {"max_train_samples": 1000, "epochs": 3, "heldout": 500}
 HELDOUT_SHARE = 0.2  # at most this share of a small training set (WNLI: 127 of 635) is held out
 
@@ -133,21 +122,18 @@ def run(args: argparse.Namespace) -> dict:
         base = from_args(RunConfig, args, task=args.tasks[0])
         heldout = {task: heldout_count(task, args.data_dir, args.heldout) for task in args.tasks}
         work = Path(args.work_dir or out / "work")
-        todo = [(s, t, m, replace(base, task=t, rest=s, heldout=heldout[t], **_options(m))) for s, t, m in plan(args)]
-        for setting, task, label, cfg in todo:
-            check_records(out / "runs" / setting / task / label, cfg)
-        for n, (setting, task, label, cfg) in enumerate(todo, 1):
-            print(f"== [{n}/{len(todo)}] {setting} {task} {label}", file=sys.stderr, flush=True)
-            spec = {"config": asdict(cfg), "label": label,
-                    "setting": setting, "grid": grids[setting][label], "seeds": args.seeds,
-                    "extend": not args.no_extend, "records": str(out / "runs" / setting / task / label),
-                    "work": str(work / setting / task / label), "bases_dir": str(work / task)}
-            try:  # a fresh process per method: its peak memory and its imports are its own
-                run_in_process("sparsegrad.bench.glue:search_and_seeds", spec, show_output=True)
-            except WorkerError as err:
-                print(f"sparsegrad: {setting} {task} {label} failed: {err}", file=sys.stderr)
-                failed.append(f"{setting} {task} {label}")
-    result = {**summarize(read_records(out / "runs")), "failed": failed}
+        groups = []
+        for setting, task, label in plan(args):
+            cfg = replace(base, task=task, rest=setting, heldout=heldout[task], **_options(label))
+            # the bases are the task's, shared by every run that takes them from the pretrained model;
+            # after a head warm-up they are each run's own (they depend on its lr and seed)
+            bases = None if cfg.bases_warmup_steps else work / task / "bases.safetensors"
+            groups.append(group_spec(f"{setting} {task} {label}", cfg, grid=grids[setting][label], seeds=args.seeds,
+                                     extend=not args.no_extend, records=out / "runs" / setting / task / label,
+                                     work=work / setting / task / label, bases=bases,
+                                     keys={"setting": setting, "method": label}))
+        failed = run_groups(groups)
+    result = {**summarize(read_records(out / "runs"), KEYS), "failed": failed}
     write_json_atomic(out / "glue.json", result)
     write_text_atomic(out / "glue.md", markdown(result) + "\n")
     return result
@@ -167,156 +153,7 @@ def _options(label: str) -> dict:
     return {**METHODS, **LEVERS}[label]
 
 
-# ---------------------------------------------------------------- one method: the search, then the seeds
-
-def search_and_seeds(spec: dict) -> dict:
-    """In the worker: the lr search on the first seed, then the other seeds at the chosen lr."""
-    import transformers
-
-    from ..recipes.experiment import validate
-
-    transformers.logging.set_verbosity_error()
-    cfg = RunConfig(**spec["config"])
-    records, work = Path(spec["records"]), Path(spec["work"])
-    data = validate(cfg)
-    grid, first = sorted(spec["grid"]), spec["seeds"][0]
-    scores = {lr: _run(cfg, lr, first, spec, data) for lr in grid}
-    if spec["extend"]:
-        for _ in range(2):  # past the edge the best sits on, at most twice
-            lr = beyond_edge(scores)
-            if lr is None:
-                break
-            scores[lr] = _run(cfg, lr, first, spec, data)
-    lr = choose_lr(scores)
-    for seed in spec["seeds"][1:]:
-        _run(cfg, lr, seed, spec, data)
-    shutil.rmtree(work, ignore_errors=True)
-    return {"lr": lr, "records": str(records)}
-
-
-def choose_lr(scores: dict[float, float | None]) -> float:
-    """The lr of the best held-out score (a diverged run has none); ties go to the smaller lr."""
-    finite = {lr: s for lr, s in scores.items() if s is not None and math.isfinite(s)}
-    if not finite:
-        return min(scores)
-    return max(sorted(finite), key=lambda lr: finite[lr])
-
-
-def beyond_edge(scores: dict[float, float | None]) -> float | None:
-    """The next lr past the grid's edge when the best score sits there, strictly above its neighbour's."""
-    lrs = sorted(scores)
-    best = choose_lr(scores)
-    if len(lrs) < 2 or best not in (lrs[0], lrs[-1]):
-        return None
-    inner = lrs[1] if best == lrs[0] else lrs[-2]
-    if scores[inner] is not None and not scores[best] > scores[inner]:
-        return None
-    return best / GRID_STEP if best == lrs[0] else best * GRID_STEP
-
-
-def record_name(lr: float, seed: int) -> str:
-    return f"lr{lr:.3g}-seed{seed}.json"
-
-
-def _run(cfg: RunConfig, lr: float, seed: int, spec: dict, data) -> float | None:
-    """One run (or its record, when it finished before); returns its held-out score."""
-    from ..recipes.finetune import finetune
-
-    path = Path(spec["records"]) / record_name(lr, seed)
-    run_cfg = replace(cfg, lr=lr, seed=seed)
-    if path.is_file():
-        record = json.loads(path.read_text())
-        return record["heldout_score"]
-    # the bases are the task's, shared by every run that takes them from the pretrained model; after a
-    # head warm-up they are the run's own (they depend on its lr and seed)
-    bases = None if run_cfg.bases_warmup_steps else Path(spec["bases_dir"]) / "bases.safetensors"
-    run_dir = Path(spec["work"]) / path.stem
-    start = time.time()
-    result = finetune(run_cfg, run_dir, bases_file=bases, resume=True, data=data, progress=False)
-    record = make_record(spec["setting"], spec["label"], run_cfg, result, data, time.time() - start)
-    write_json_atomic(path, record)
-    shutil.rmtree(run_dir, ignore_errors=True)
-    print(f"{spec['setting']} {cfg.task} {spec['label']} lr {lr:g} seed {seed}: held-out "
-          f"{_fmt(record['heldout_score'])}, dev {_fmt(record['dev_score'])}", file=sys.stderr, flush=True)
-    return record["heldout_score"]
-
-
-def _fmt(x: float | None) -> str:
-    return "diverged" if x is None else f"{100 * x:.1f}"
-
-
-def make_record(setting: str, label: str, cfg: RunConfig, result, data, seconds: float) -> dict:
-    """What a table needs of one run: its scores, its lr, its cost, and when it ran."""
-    from ..recipes.data import HELDOUT
-    from ..recipes.glue import majority_baseline
-
-    held, dev = HELDOUT, next(s for s in data.eval if s != HELDOUT)
-    metric = data.task.metric
-    return {"setting": setting, "task": cfg.task, "method": label, "lr": cfg.lr, "seed": cfg.seed,
-            "metric": metric, "status": result.status,
-            "heldout_score": result.final.get(held, {}).get(metric), "dev_score": result.final.get(dev, {}).get(metric),
-            "dev": result.final.get(dev, {}), "dev_majority": majority_baseline(data.task, data.train, data.eval[dev])[metric],
-            "best_step": result.best_step, "train_steps": result.train_steps,
-            "trainable": result.method["trainable"], "trainable_mlp": result.method["trainable_mlp"],
-            "lora_rank": result.method.get("lora_rank"), "train_examples": len(data.train),
-            "heldout_examples": len(data.eval[held]), "dev_examples": len(data.eval[dev]),
-            "steps_per_s": result.steps_per_s, "seconds": seconds,
-            "nonzero_row_share": result.nonzero_row_share,  # per step, the sparse layers' (paper Fig. 3)
-            "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "config": record_config(cfg)}
-
-
-def record_config(cfg: RunConfig) -> dict:
-    """The options that differ from the defaults, less where the data lives (a path of the machine) and
-    the lr and seed (the record's own fields): what every run of a method in one table shares."""
-    return {k: v for k, v in cfg.changed().items() if k not in ("data_dir", "lr", "seed")}
-
-
-def check_records(folder: Path, cfg: RunConfig) -> None:
-    """Refuse to mix in records that runs with other options left in `folder`."""
-    for path in sorted(folder.glob("*.json")):
-        saved = json.loads(path.read_text())["config"]
-        if saved != record_config(cfg):
-            diff = "; ".join(f"{k} {saved.get(k)!r} -> {record_config(cfg).get(k)!r}"
-                             for k in sorted(set(saved) | set(record_config(cfg))) if saved.get(k) != record_config(cfg).get(k))
-            raise ValueError(f"{path} was made with other options ({diff}): use another --output-dir, or the "
-                             "options it was made with")
-
-
-# ---------------------------------------------------------------- the tables, from the records
-
-def read_records(root: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(root.glob("*/*/*/*.json"))]
-
-
-def summarize(records: list[dict]) -> dict:
-    """Per (setting, task, method): the chosen lr (best held-out score of the first seed), the dev
-    scores of the seeds at that lr, the search's scores; the compute the records took."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in records:
-        groups.setdefault((r["setting"], r["task"], r["method"]), []).append(r)
-    rows = []
-    for (setting, task, method), rs in groups.items():
-        first = min(r["seed"] for r in rs)
-        search = {r["lr"]: r["heldout_score"] for r in rs if r["seed"] == first}
-        lr = choose_lr(search)
-        at_lr = sorted((r for r in rs if r["lr"] == lr), key=lambda r: r["seed"])
-        dev = [r["dev_score"] for r in at_lr]
-        done = all(d is not None for d in dev)
-        rows.append({"setting": setting, "task": task, "method": method, "metric": rs[0]["metric"], "lr": lr,
-                     "seeds": [r["seed"] for r in at_lr], "dev_scores": dev,
-                     "mean": float(np.mean(dev)) if done else None, "std": float(np.std(dev)) if done else None,
-                     "search": {f"{k:g}": v for k, v in sorted(search.items())},
-                     "dev_majority": rs[0]["dev_majority"], "trainable": rs[0]["trainable"],
-                     "trainable_mlp": rs[0]["trainable_mlp"], "lora_rank": rs[0]["lora_rank"],
-                     "train_examples": rs[0]["train_examples"], "heldout_examples": rs[0]["heldout_examples"],
-                     "epochs": rs[0]["config"].get("epochs"), "runs": len(rs),
-                     "seconds": sum(r["seconds"] for r in rs)})
-    dates = sorted(r["finished_at"] for r in records)
-    return {"rows": rows, "runs": len(records), "compute_seconds": sum(r["seconds"] for r in records),
-            "first_run": dates[0] if dates else None, "last_run": dates[-1] if dates else None}
-
-
+KEYS = ("setting", "task", "method")  # a row of the tables
 ORDER = [*METHODS, *LEVERS]
 LEVER_TABLE = ("lora", "sparsegrad-fixed", "sparsegrad-refresh", "sparsegrad-warm", "sparsegrad-dynamic")
 
@@ -339,10 +176,10 @@ def markdown(result: dict) -> str:
             for t in tasks:
                 row = next((r for r in rows if r["task"] == t and r["method"] == m), None)
                 first = first or row
-                cells.append(_cell(row))
+                cells.append(cell(row))
             name = m + (f" (r={first['lora_rank']})" if first and first["lora_rank"] else "")
             lines.append(f"| {name} | {first['trainable_mlp']:,} | " + " | ".join(cells) + " |")
-        majority = [next(r for r in rows if r["task"] == t)["dev_majority"] for t in tasks]
+        majority = [next(r for r in rows if r["task"] == t)["dev_baseline"] for t in tasks]
         lines += ["| majority class | 0 | " + " | ".join(f"{100 * v:.1f}" for v in majority) + " |", ""]
     return "\n".join(lines)
 
@@ -357,11 +194,11 @@ def lever_table(result: dict) -> str:
     get = {(r["task"], r["method"]): r for r in rows}
     lines = ["| variant | " + " | ".join(f"{t}: score | vs fixed" for t in tasks) + " |",
              "|---|" + "---:|---:|" * len(tasks)]
-    for m in LEVER_TABLE:
+    for m in (m for m in LEVER_TABLE if any(r["method"] == m for r in rows)):
         cells = []
         for t in tasks:
             row, fixed = get.get((t, m)), get.get((t, "sparsegrad-fixed"))
-            cells.append(_cell(row))
+            cells.append(cell(row))
             if row and fixed and row["mean"] is not None and fixed["mean"] is not None and m != "sparsegrad-fixed":
                 diff, spread = row["mean"] - fixed["mean"], max(row["std"], fixed["std"])
                 cells.append(f"{100 * diff:+.1f} (spread {100 * spread:.1f})")
@@ -385,15 +222,6 @@ def beats(result: dict, method: str, other: str, setting: str = "head") -> list[
 
 def _metric(rows: list[dict], task: str) -> str:
     return next(r["metric"] for r in rows if r["task"] == task)
-
-
-def _cell(row: dict | None) -> str:
-    if row is None:
-        return ""
-    if row["mean"] is None:
-        return f"diverged (lr {row['lr']:.2g})"
-    n = len(row["seeds"])
-    return f"{100 * row['mean']:.1f} ± {100 * row['std']:.1f} (lr {row['lr']:.2g}{'' if n >= 3 else f', {n} seed'})"
 
 
 def main(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import typing
 from dataclasses import asdict, dataclass, field
 
 from .kinds import kind_of
-from .methods import RESTS, SPARSEGRAD_MODES, canonical_method
+from .methods import RESTS, SPARSEGRAD_MODES, canonical_method, default_lr
 from .tasks import get_task
 
 
@@ -68,7 +68,8 @@ class RunConfig:
     max_steps: int | None = option(None, "stop after this many optimizer steps")
     batch_size: int = option(16, "examples per process and micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
-    lr: float = option(1e-4, "peak learning rate (linear warm-up and decay)")
+    lr: float | None = option(None, "peak learning rate (linear warm-up and decay); default: the method's, per "
+                                    "kind of task and --rest (README 'Learning rates')")
     weight_decay: float = option(0.01, "AdamW weight decay (none on biases and norms)")
     warmup_ratio: float = option(0.06, "share of the steps spent warming the learning rate up")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)")
@@ -96,6 +97,13 @@ class RunConfig:
         self.method = canonical_method(self.method)
         if self.rest is None:
             self.rest = kind_of(get_task(self.task)).default_rest
+
+    def with_default_lr(self) -> RunConfig:
+        """This configuration with its lr set: the one given, or the method's default."""
+        if self.lr is not None:
+            return self
+        task = get_task(self.task)
+        return dataclasses.replace(self, lr=default_lr(task.kind, self.rest, self.method, self.mode))
 
     def identity(self) -> dict:
         """The fields that must match for a folder to hold 'the same run'."""

@@ -49,7 +49,7 @@ def validate(cfg: RunConfig, bases: str | None = None) -> TaskData:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
-    if not cfg.lr > 0:
+    if cfg.lr is not None and not cfg.lr > 0:
         raise ValueError(f"--lr must be positive, got {cfg.lr}")
     if bases is not None and not Path(bases).is_file():
         raise ValueError(f"--bases {bases}: no such file; pass a file saved by Bases.save (e.g. a run's "
@@ -107,13 +107,18 @@ def _check_folder(out: Path, command: dict, resume: bool) -> None:
             raise RunFolderError(f"--output-dir {out} already holds a run: pass --resume to continue it, "
                                  "or choose another --output-dir")
         old, new = _flat(saved), _flat(command)
-        diff = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        diff = [f"{k} {_shown(old.get(k))} -> {_shown(new.get(k))}" for k in sorted(set(old) | set(new))
+                if old.get(k) != new.get(k)]
         if diff:
             raise RunFolderError(f"--output-dir {out} holds a different run ({'; '.join(diff)}): resume it with "
                                  "its own options, or choose another --output-dir")
         return
     _refuse_foreign(out)
     write_json_atomic(saved_file, command)
+
+
+def _shown(value) -> str:
+    return "default" if value is None else repr(value)  # an option left out is None: its default
 
 
 def _refuse_foreign(out: Path) -> None:

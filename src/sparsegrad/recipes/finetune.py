@@ -110,7 +110,7 @@ class FineTuneRecipe:
 
     def __init__(self, cfg: RunConfig, run_dir: str | Path, *, bases_file: str | Path | None = None,
                  data: TaskData | None = None, progress: bool = True) -> None:
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.cfg, self.run_dir = cfg.with_default_lr(), Path(run_dir)
         self.bases_file = Path(bases_file or self.run_dir / "bases.safetensors")
         self.data, self.progress = data, progress
         self.state = LoopState()

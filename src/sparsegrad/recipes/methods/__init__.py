@@ -36,6 +36,19 @@ METHOD_ALIASES = {"regular": "ft", "full": "ft", "full_ft": "ft", "regular_ft": 
                   "sparse_grad": "sparsegrad", "sg": "sparsegrad"}
 
 
+# The default peak learning rate per (kind of task, rest, method label), chosen by the benchmarks' fair
+# protocol (each method's lr searched on held-out training examples; README "Learning rates" gives the
+# evidence). What is not listed takes FALLBACK_LR.
+DEFAULT_LR: dict[tuple[str, str, str], float] = {}
+FALLBACK_LR = 1e-4
+
+
+def default_lr(kind: str, rest: str, method: str, mode: str | None) -> float:
+    """The default lr of a method (mode: SparseGrad's) on a kind of task ("classification", "causal_lm")."""
+    label = method_label(method, mode if method == "sparsegrad" else None)
+    return DEFAULT_LR.get((kind, rest, label), FALLBACK_LR)
+
+
 def canonical_method(name: str) -> str:
     key = name.lower().replace("-", "_")
     key = METHOD_ALIASES.get(key, key)

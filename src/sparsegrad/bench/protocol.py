@@ -1,0 +1,219 @@
+"""The fair protocol of the quality benchmarks (bench glue, bench chat): every method at its own
+learning rate, chosen without looking at the set it is scored on.
+
+Per (setting, task, method) -- a "group", run in a fresh process:
+1. the search: the first seed at each lr of the method's grid, trained with part of the training set
+   held out (RunConfig.heldout) as the split that selects the best model; when the best lr sits at
+   an edge of the grid, strictly better than its neighbour, one more lr beyond it (at most twice);
+2. the other seeds at the lr with the best held-out score;
+3. the score: the task's own evaluation split ("dev"), mean ± std over the seeds at that lr.
+
+Every finished run leaves a small JSON record, <records>/lr<lr>-seed<s>.json (scores, lr, cost, when it
+ran) and nothing else: its model is deleted once recorded. A group resumes from its records (and a run
+killed midway from its checkpoint), so a table can be built over several sittings.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+
+from sparsegrad.util import write_json_atomic
+
+from ..recipes.config import RunConfig
+from ..recipes.process import WorkerError, run_in_process
+
+GRID_STEP = 4.0  # the grids' spacing, and how far past an edge the search steps
+
+
+# ---------------------------------------------------------------- the groups, each in a fresh process
+
+def run_groups(groups: list[dict]) -> list[str]:
+    """Run each group's spec (search_and_seeds) in a fresh process, after checking that no group would
+    mix in records made with other options; the names of the groups that failed."""
+    for spec in groups:
+        check_records(Path(spec["records"]), RunConfig(**spec["config"]))
+    failed = []
+    for n, spec in enumerate(groups, 1):
+        print(f"== [{n}/{len(groups)}] {spec['name']}", file=sys.stderr, flush=True)
+        try:  # its peak memory and its imports are its own
+            run_in_process("sparsegrad.bench.protocol:search_and_seeds", spec, show_output=True)
+        except WorkerError as err:
+            print(f"sparsegrad: {spec['name']} failed: {err}", file=sys.stderr)
+            failed.append(spec["name"])
+    return failed
+
+
+def group_spec(name: str, cfg: RunConfig, *, grid: tuple[float, ...], seeds: list[int], extend: bool,
+               records: Path, work: Path, bases: Path | None, keys: dict) -> dict:
+    """What search_and_seeds takes. keys: what the records say they belong to ({"setting": ..., "method": ...});
+    bases: the bases file the group's runs share (None: each run computes its own)."""
+    return {"name": name, "config": asdict(cfg), "grid": list(grid), "seeds": seeds, "extend": extend,
+            "records": str(records), "work": str(work), "bases": None if bases is None else str(bases), "keys": keys}
+
+
+def search_and_seeds(spec: dict) -> dict:
+    """In the worker: the lr search on the first seed, then the other seeds at the chosen lr."""
+    import transformers
+
+    from ..recipes.experiment import validate
+
+    transformers.logging.set_verbosity_error()
+    cfg = RunConfig(**spec["config"])
+    data = validate(cfg)
+    maximize = data.task.greater_is_better
+    first = spec["seeds"][0]
+    scores = {lr: run_one(cfg, lr, first, spec, data) for lr in sorted(spec["grid"])}
+    if spec["extend"]:
+        for _ in range(2):  # past the edge the best sits on, at most twice
+            lr = beyond_edge(scores, maximize)
+            if lr is None:
+                break
+            scores[lr] = run_one(cfg, lr, first, spec, data)
+    lr = choose_lr(scores, maximize)
+    for seed in spec["seeds"][1:]:
+        run_one(cfg, lr, seed, spec, data)
+    shutil.rmtree(spec["work"], ignore_errors=True)
+    return {"lr": lr}
+
+
+def choose_lr(scores: dict[float, float | None], maximize: bool = True) -> float:
+    """The lr of the best held-out score (a diverged run has none); ties go to the smaller lr."""
+    finite = {lr: s if maximize else -s for lr, s in scores.items() if s is not None and math.isfinite(s)}
+    if not finite:
+        return min(scores)
+    return max(sorted(finite), key=lambda lr: finite[lr])
+
+
+def beyond_edge(scores: dict[float, float | None], maximize: bool = True) -> float | None:
+    """The next lr past the grid's edge when the best score sits there, strictly better than its neighbour's."""
+    lrs = sorted(scores)
+    best = choose_lr(scores, maximize)
+    if len(lrs) < 2 or best not in (lrs[0], lrs[-1]):
+        return None
+    inner = scores[lrs[1] if best == lrs[0] else lrs[-2]]
+    if inner is not None and not (scores[best] > inner if maximize else scores[best] < inner):
+        return None
+    return best / GRID_STEP if best == lrs[0] else best * GRID_STEP
+
+
+def record_name(lr: float, seed: int) -> str:
+    return f"lr{lr:.3g}-seed{seed}.json"
+
+
+def run_one(cfg: RunConfig, lr: float, seed: int, spec: dict, data) -> float | None:
+    """One run (or its record, when it finished before); returns its held-out score."""
+    from ..recipes.finetune import finetune
+
+    path = Path(spec["records"]) / record_name(lr, seed)
+    if path.is_file():
+        return json.loads(path.read_text())["heldout_score"]
+    run_cfg = replace(cfg, lr=lr, seed=seed)
+    run_dir = Path(spec["work"]) / path.stem
+    start = time.time()
+    result = finetune(run_cfg, run_dir, bases_file=spec["bases"], resume=True, data=data, progress=False)
+    record = {**spec["keys"], **make_record(run_cfg, result, data, time.time() - start)}
+    write_json_atomic(path, record)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"{spec['name']} lr {lr:g} seed {seed}: held-out {_fmt(record['heldout_score'])}, "
+          f"dev {_fmt(record['dev_score'])}", file=sys.stderr, flush=True)
+    return record["heldout_score"]
+
+
+def _fmt(x: float | None) -> str:
+    return "diverged" if x is None else f"{x:.4g}"
+
+
+def make_record(cfg: RunConfig, result, data, seconds: float) -> dict:
+    """What a table needs of one run: its scores, its lr, its cost, and when it ran."""
+    from ..recipes.data import HELDOUT
+    from ..recipes.glue import majority_baseline
+
+    held, dev = HELDOUT, next(s for s in data.eval if s != HELDOUT)
+    metric = data.task.metric
+    # the score to beat on dev: the majority class, or (a decoder) the untrained model on the held-out split
+    baseline = (majority_baseline(data.task, data.train, data.eval[dev]) if result.baseline_kind == "majority class"
+                else result.baseline)[metric]
+    return {"task": cfg.task, "lr": cfg.lr, "seed": cfg.seed, "metric": metric,
+            "greater_is_better": data.task.greater_is_better, "status": result.status,
+            "heldout_score": result.final.get(held, {}).get(metric), "dev_score": result.final.get(dev, {}).get(metric),
+            "dev": result.final.get(dev, {}), "dev_baseline": baseline,
+            "baseline_kind": result.baseline_kind, "best_step": result.best_step, "train_steps": result.train_steps,
+            "trainable": result.method["trainable"], "trainable_mlp": result.method["trainable_mlp"],
+            "lora_rank": result.method.get("lora_rank"), "train_examples": len(data.train),
+            "heldout_examples": len(data.eval[held]), "dev_examples": len(data.eval[dev]),
+            "steps_per_s": result.steps_per_s, "seconds": seconds,
+            "nonzero_row_share": result.nonzero_row_share,  # per step, the sparse layers' (paper Fig. 3)
+            "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "config": record_config(cfg)}
+
+
+def record_config(cfg: RunConfig) -> dict:
+    """The options that differ from the defaults, less where the data lives (a path of the machine) and
+    the lr and seed (the record's own fields): what every run of a method in one table shares."""
+    return {k: v for k, v in cfg.changed().items() if k not in ("data_dir", "lr", "seed")}
+
+
+def check_records(folder: Path, cfg: RunConfig) -> None:
+    """Refuse to mix in records that runs with other options left in `folder`."""
+    want = record_config(cfg)
+    for path in sorted(folder.glob("*.json")):
+        saved = json.loads(path.read_text())["config"]
+        if saved != want:
+            diff = "; ".join(f"{k} {saved.get(k)!r} -> {want.get(k)!r}"
+                             for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k))
+            raise ValueError(f"{path} was made with other options ({diff}): use another --output-dir, or the "
+                             "options it was made with")
+
+
+# ---------------------------------------------------------------- the tables, from the records
+
+def read_records(root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(root.rglob("lr*-seed*.json"))]
+
+
+def summarize(records: list[dict], keys: tuple[str, ...]) -> dict:
+    """Per group (the records' `keys`, e.g. setting, task, method): the chosen lr (best held-out score
+    of the first seed), the dev scores of the seeds at that lr, the search; the compute it all took."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    rows = []
+    for key, rs in groups.items():
+        first = min(r["seed"] for r in rs)
+        search = {r["lr"]: r["heldout_score"] for r in rs if r["seed"] == first}
+        lr = choose_lr(search, rs[0]["greater_is_better"])
+        at_lr = sorted((r for r in rs if r["lr"] == lr), key=lambda r: r["seed"])
+        dev = [r["dev_score"] for r in at_lr]
+        done = all(d is not None for d in dev)
+        r0 = rs[0]
+        rows.append({**dict(zip(keys, key)), "metric": r0["metric"], "greater_is_better": r0["greater_is_better"],
+                     "lr": lr, "seeds": [r["seed"] for r in at_lr], "dev_scores": dev,
+                     "mean": float(np.mean(dev)) if done else None, "std": float(np.std(dev)) if done else None,
+                     "search": {f"{k:g}": v for k, v in sorted(search.items())},
+                     "dev_baseline": r0["dev_baseline"], "baseline_kind": r0["baseline_kind"],
+                     "trainable": r0["trainable"], "trainable_mlp": r0["trainable_mlp"], "lora_rank": r0["lora_rank"],
+                     "train_examples": r0["train_examples"], "heldout_examples": r0["heldout_examples"],
+                     "epochs": r0["config"].get("epochs"), "steps_per_s": float(np.mean([r["steps_per_s"] for r in at_lr])),
+                     "runs": len(rs), "seconds": sum(r["seconds"] for r in rs)})
+    dates = sorted(r["finished_at"] for r in records)
+    return {"rows": rows, "runs": len(records), "compute_seconds": sum(r["seconds"] for r in records),
+            "first_run": dates[0] if dates else None, "last_run": dates[-1] if dates else None}
+
+
+def cell(row: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    """'mean ± std (lr ...)' of a summary row; scores x100 for metrics, x1 for losses."""
+    if row is None:
+        return ""
+    if row["mean"] is None:
+        return f"diverged (lr {row['lr']:.2g})"
+    n = len(row["seeds"])
+    return (f"{scale * row['mean']:.{digits}f} ± {scale * row['std']:.{digits}f} "
+            f"(lr {row['lr']:.2g}{'' if n >= 3 else f', {n} seed' + ('s' if n > 1 else '')})")
