@@ -53,3 +53,17 @@ def test_summary_rows_read_files_of_the_older_flat_layout():
     parsed = SummaryRow.from_dict(row)
     assert parsed.splits == {"validation/perplexity": 2.7}
     assert SummaryRow.from_dict(parsed.to_dict()) == parsed
+
+
+def test_each_method_takes_its_own_default_lr_unless_one_is_given():
+    from sparsegrad.recipes.methods import DEFAULT_LR, FALLBACK_LR
+
+    peft = {m: RunConfig(task="sst2", rest="head", method=m.split("-")[0], mode=(m.split("-") + ["fixed"])[1])
+            for m in ("ft", "lora", "meprop", "sparsegrad-fixed", "sparsegrad-dynamic")}
+    for label, cfg in peft.items():
+        assert cfg.lr is None and cfg.with_default_lr().lr == DEFAULT_LR[("classification", "head", label)]
+    assert peft["lora"].with_default_lr().lr != peft["ft"].with_default_lr().lr  # the methods want different ones
+    assert RunConfig(task="sst2", rest="all").with_default_lr().lr == FALLBACK_LR  # not measured: the old default
+    assert RunConfig(task="sst2", rest="head", method="lora", lr=3e-4).with_default_lr().lr == 3e-4
+    args = _parser().parse_args(["--task", "sst2"])
+    assert from_args(RunConfig, args).lr is None  # left out on the command line: resolved by the recipe

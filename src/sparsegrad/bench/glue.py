@@ -28,10 +28,7 @@ from sparsegrad.util import write_json_atomic, write_text_atomic
 from ..recipes.config import RunConfig, from_args
 from ..recipes.config import add_arguments as add_config_arguments
 from ..recipes.tasks import GLUE_FOLDERS, TASKS
-from .protocol import cell, group_spec, read_records, run_groups, search_and_seeds, summarize
-
-# workers started by an older run of this bench name their entry here
-__all__ = ["search_and_seeds"]
+from .protocol import cell, group_spec, read_records, run_groups, summarize
 
 SETTINGS = ("head", "all")
 # method label -> the run options that make it; its default lr grid (3 values, 4x apart)

@@ -39,7 +39,14 @@ METHOD_ALIASES = {"regular": "ft", "full": "ft", "full_ft": "ft", "regular_ft": 
 # The default peak learning rate per (kind of task, rest, method label), chosen by the benchmarks' fair
 # protocol (each method's lr searched on held-out training examples; README "Learning rates" gives the
 # evidence). What is not listed takes FALLBACK_LR.
-DEFAULT_LR: dict[tuple[str, str, str], float] = {}
+DEFAULT_LR: dict[tuple[str, str, str], float] = {
+    # the PEFT setting of classification (only the head besides the method): SST-2, MiniLM, 1,000 examples
+    ("classification", "head", "ft"): 1e-4,
+    ("classification", "head", "lora"): 2e-3,
+    ("classification", "head", "meprop"): 4e-4,
+    ("classification", "head", "sparsegrad-fixed"): 2e-3,
+    ("classification", "head", "sparsegrad-dynamic"): 2e-3,
+}
 FALLBACK_LR = 1e-4
 
 
