@@ -31,7 +31,7 @@ from ..recipes.tasks import GLUE_FOLDERS, TASKS
 from .protocol import cell, group_spec, read_records, run_groups, summarize
 
 SETTINGS = ("head", "all")
-# method label -> the run options that make it; its default lr grid (3 values, 4x apart)
+# method label -> the run options that make it (its lr grid: GRIDS)
 METHODS: dict[str, dict] = {
     "ft": {"method": "ft"},
     "lora": {"method": "lora"},                      # rank matched to SparseGrad's trainable count
@@ -196,9 +196,9 @@ def lever_table(result: dict) -> str:
         for t in tasks:
             row, fixed = get.get((t, m)), get.get((t, "sparsegrad-fixed"))
             cells.append(cell(row))
-            if row and fixed and row["mean"] is not None and fixed["mean"] is not None and m != "sparsegrad-fixed":
-                diff, spread = row["mean"] - fixed["mean"], max(row["std"], fixed["std"])
-                cells.append(f"{100 * diff:+.1f} (spread {100 * spread:.1f})")
+            gap = margin(row, fixed) if m != "sparsegrad-fixed" else None
+            if gap is not None:
+                cells.append(f"{100 * gap[0]:+.1f} (spread {100 * gap[1]:.1f})")
             else:
                 cells.append("")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
@@ -210,11 +210,17 @@ def beats(result: dict, method: str, other: str, setting: str = "head") -> list[
     get = {(r["task"], r["method"]): r for r in result["rows"] if r["setting"] == setting}
     out = []
     for (task, m), row in get.items():
-        base = get.get((task, other))
-        if m == method and base and row["mean"] is not None and base["mean"] is not None \
-                and row["mean"] - base["mean"] > max(row["std"], base["std"]):
+        gap = margin(row, get.get((task, other)))
+        if m == method and gap is not None and gap[0] > gap[1]:
             out.append(task)
     return sorted(out)
+
+
+def margin(row: dict | None, base: dict | None) -> tuple[float, float] | None:
+    """(row's mean - base's mean, the larger of their seed spreads), or None where either has no score."""
+    if not row or not base or row["mean"] is None or base["mean"] is None:
+        return None
+    return row["mean"] - base["mean"], max(row["std"], base["std"])
 
 
 def _metric(rows: list[dict], task: str) -> str:

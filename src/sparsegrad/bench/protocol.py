@@ -28,6 +28,7 @@ import numpy as np
 from sparsegrad.util import write_json_atomic
 
 from ..recipes.config import RunConfig
+from ..recipes.experiment import option_changes
 from ..recipes.process import WorkerError, run_in_process
 
 GRID_STEP = 4.0  # the grids' spacing, and how far past an edge the search steps
@@ -167,10 +168,8 @@ def check_records(folder: Path, cfg: RunConfig) -> None:
     for path in sorted(folder.glob("*.json")):
         saved = json.loads(path.read_text())["config"]
         if saved != want:
-            diff = "; ".join(f"{k} {saved.get(k)!r} -> {want.get(k)!r}"
-                             for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k))
-            raise ValueError(f"{path} was made with other options ({diff}): use another --output-dir, or the "
-                             "options it was made with")
+            raise ValueError(f"{path} was made with other options ({option_changes(saved, want)}): use another "
+                             "--output-dir, or the options it was made with")
 
 
 # ---------------------------------------------------------------- the tables, from the records

@@ -106,15 +106,19 @@ def _check_folder(out: Path, command: dict, resume: bool) -> None:
         if not resume:
             raise RunFolderError(f"--output-dir {out} already holds a run: pass --resume to continue it, "
                                  "or choose another --output-dir")
-        old, new = _flat(saved), _flat(command)
-        diff = [f"{k} {_shown(old.get(k))} -> {_shown(new.get(k))}" for k in sorted(set(old) | set(new))
-                if old.get(k) != new.get(k)]
+        diff = option_changes(_flat(saved), _flat(command))
         if diff:
-            raise RunFolderError(f"--output-dir {out} holds a different run ({'; '.join(diff)}): resume it with "
+            raise RunFolderError(f"--output-dir {out} holds a different run ({diff}): resume it with "
                                  "its own options, or choose another --output-dir")
         return
     _refuse_foreign(out)
     write_json_atomic(saved_file, command)
+
+
+def option_changes(old: dict, new: dict) -> str:
+    """The options that differ, as "name old -> new; ..." (empty when none do)."""
+    return "; ".join(f"{k} {_shown(old.get(k))} -> {_shown(new.get(k))}" for k in sorted(set(old) | set(new))
+                     if old.get(k) != new.get(k))
 
 
 def _shown(value) -> str:
