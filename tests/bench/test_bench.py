@@ -273,3 +273,23 @@ def test_chat_bench_searches_each_lr_by_the_lowest_held_out_loss(tiny_llama_dir,
     page = tmp_path / "results.md"
     assert main(["bench", "report", "--results", str(results), "--output", str(page)]) == 0
     assert "## Instruction tuning (paper Table 6)" in page.read_text()
+
+
+def test_glue_reading_names_ties_margins_and_the_majority():
+    """The results page's sentence: a tie is named as one, LoRA's win over fixed counts only beyond the
+    larger seed spread, and a task where full FT does not beat the majority class is flagged."""
+    from sparsegrad.bench.report import glue_reading
+
+    def row(task, method, mean, std):
+        return {"setting": "head", "task": task, "method": method, "mean": mean, "std": std,
+                "dev_baseline": {"sst2": 0.509, "wnli": 0.563}[task]}
+
+    rows = [row("sst2", "ft", 0.809, 0.010), row("sst2", "lora", 0.812, 0.006),
+            row("sst2", "sparsegrad-fixed", 0.793, 0.011), row("wnli", "ft", 0.563, 0.0),
+            row("wnli", "lora", 0.563, 0.0), row("wnli", "sparsegrad-fixed", 0.563, 0.0)]
+    text, = glue_reading({"rows": rows})
+    assert "best per task: sst2 lora, wnli 3 methods tied." in text
+    assert "beats matched LoRA by more than the seeds' spread on no task, and loses by more on sst2;" in text
+    assert "does not beat the majority class on wnli," in text
+    rows[1]["std"] = 0.02  # now within the spread
+    assert "loses by more on no task" in glue_reading({"rows": rows})[0]

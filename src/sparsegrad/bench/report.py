@@ -398,8 +398,8 @@ def _glue_section(g: dict | None, results: Path, link) -> list[str]:
              "Each method searches its own learning rate: seed 0 at 3 values 4x apart (one more past an edge "
              f"that wins), scored on examples held out of the training set ({held}); then seeds 1 and 2 at the "
              "chosen lr. Scores x100 on the dev sets, which choose nothing: mean ± std over the 3 seeds, with the "
-             f"lr used. {g['runs']} runs, {g['compute_seconds'] / 3600:.1f} h of 2 CPU cores, run between "
-             f"{g['first_run'][:10]} and {g['last_run'][:10]}; each run's record is in "
+             f"lr used. {g['runs']} runs, {g['compute_seconds'] / 3600:.1f} h of 2 CPU cores, run "
+             f"{_dates(g['first_run'][:10], g['last_run'][:10])}; each run's record is in "
              f"`{link('glue/runs')}` (the bench resumes from them).")
     lines = ["## GLUE, each method at its own learning rate (paper Table 4)", "", setup, "",
              glue_bench.markdown(g), "", *glue_reading(g), ""]
@@ -417,6 +417,18 @@ def _glue_section(g: dict | None, results: Path, link) -> list[str]:
     return lines + [paper, ""]
 
 
+def _dates(first: str, last: str) -> str:
+    return f"on {first}" if first == last else f"between {first} and {last}"
+
+
+def _best(rows: list[dict], task: str) -> str:
+    """The method with the best mean on `task`, or how many share it."""
+    scored = [r for r in rows if r["task"] == task]
+    top = max(r["mean"] for r in scored)
+    best = [r["method"] for r in scored if r["mean"] == top]
+    return best[0] if len(best) == 1 else " and ".join(best) if len(best) == 2 else f"{len(best)} methods tied"
+
+
 def glue_reading(g: dict) -> list[str]:
     """A plain sentence per setting: who wins where, by more than the seeds' spread or not."""
     from . import glue as glue_bench
@@ -428,8 +440,7 @@ def glue_reading(g: dict) -> list[str]:
             continue
         tasks = sorted({r["task"] for r in rows})
         methods = {r["method"] for r in rows}
-        best = {t: max((r for r in rows if r["task"] == t), key=lambda r: r["mean"])["method"] for t in tasks}
-        text = f"{name}: best per task: " + ", ".join(f"{t} {m}" for t, m in best.items()) + ". "
+        text = f"{name}: best per task: " + ", ".join(f"{t} {_best(rows, t)}" for t in tasks) + ". "
         if {"sparsegrad-fixed", "lora"} <= methods:
             won = glue_bench.beats(g, "sparsegrad-fixed", "lora", setting)
             lost = glue_bench.beats(g, "lora", "sparsegrad-fixed", setting)
