@@ -288,8 +288,12 @@ def test_glue_reading_names_ties_margins_and_the_majority():
             row("sst2", "sparsegrad-fixed", 0.793, 0.011), row("wnli", "ft", 0.563, 0.0),
             row("wnli", "lora", 0.563, 0.0), row("wnli", "sparsegrad-fixed", 0.563, 0.0)]
     text, = glue_reading({"rows": rows})
-    assert "best per task: sst2 lora, wnli 3 methods tied." in text
+    assert "best per task: sst2 lora (1 other within the seeds' spread), wnli 3 methods tied." in text
     assert "beats matched LoRA by more than the seeds' spread on no task, and loses by more on sst2;" in text
     assert "does not beat the majority class on wnli," in text
     rows[1]["std"] = 0.02  # now within the spread
-    assert "loses by more on no task" in glue_reading({"rows": rows})[0]
+    text, = glue_reading({"rows": rows})
+    assert "loses by more on no task" in text
+    assert "sst2 lora (2 others within the seeds' spread)" in text
+    rows[1]["std"], rows[0]["mean"] = 0.001, 0.70  # a clear win: nothing said
+    assert "best per task: sst2 lora, wnli" in glue_reading({"rows": rows})[0]

@@ -422,11 +422,18 @@ def _dates(first: str, last: str) -> str:
 
 
 def _best(rows: list[dict], task: str) -> str:
-    """The method with the best mean on `task`, or how many share it."""
+    """The method with the best mean on `task` (or how many share it), and how many others trail it by
+    less than the seeds' spread: a top mean inside the spread is not a win."""
+    from .glue import margin
+
     scored = [r for r in rows if r["task"] == task]
-    top = max(r["mean"] for r in scored)
-    best = [r["method"] for r in scored if r["mean"] == top]
-    return best[0] if len(best) == 1 else " and ".join(best) if len(best) == 2 else f"{len(best)} methods tied"
+    top = max(scored, key=lambda r: r["mean"])
+    best = [r["method"] for r in scored if r["mean"] == top["mean"]]
+    if len(best) > 2:
+        return f"{len(best)} methods tied"
+    close = [r for r in scored if r["mean"] < top["mean"] and (gap := margin(top, r))[0] <= gap[1]]
+    within = f" ({len(close)} other{'s' * (len(close) > 1)} within the seeds' spread)" if close else ""
+    return " and ".join(best) + within
 
 
 def glue_reading(g: dict) -> list[str]:
