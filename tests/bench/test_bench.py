@@ -128,6 +128,15 @@ def test_glue_bench_searches_each_lr_resumes_from_records_and_reports(glue_dir, 
     assert set(json.loads((results / "row_share.json").read_text())["wnli"]) == {"sparsegrad-warm"}
 
 
+def test_glue_training_subsets_per_task():
+    """CoLA takes a larger subset than the others by default (at 1000 full FT stays at the majority class);
+    --max-train-samples, when given, is every task's."""
+    from sparsegrad.bench.glue import train_subset
+
+    assert (train_subset("cola", None), train_subset("sst2", None), train_subset("mrpc", None)) == (4000, 1000, 1000)
+    assert train_subset("cola", 48) == train_subset("sst2", 48) == 48
+
+
 def test_report_errors_and_bad_options(tmp_path, capsys):
     assert main(["bench", "report", "--results", str(tmp_path / "missing")]) == 2
     assert "no such folder" in capsys.readouterr().err
