@@ -451,8 +451,11 @@ def glue_reading(g: dict) -> list[str]:
         if {"sparsegrad-fixed", "lora"} <= methods:
             won = glue_bench.beats(g, "sparsegrad-fixed", "lora", setting)
             lost = glue_bench.beats(g, "lora", "sparsegrad-fixed", setting)
+            scored = {t for t in tasks if {"sparsegrad-fixed", "lora"} <= {r["method"] for r in rows if r["task"] == t}}
+            even = sorted(scored - set(won) - set(lost))
             text += (f"SparseGrad fixed beats matched LoRA by more than the seeds' spread on {', '.join(won) or 'no task'}"
-                     f", and loses by more on {', '.join(lost) or 'no task'}; elsewhere the two are within their spread. ")
+                     f", and loses by more on {', '.join(lost) or 'no task'}; the two are within their spread on "
+                     f"{', '.join(even) or 'no task'}. ")
         below = sorted(r["task"] for r in rows if r["method"] == "ft" and r["mean"] <= r["dev_baseline"])
         if below:
             text += f"Full fine-tuning does not beat the majority class on {', '.join(below)}, so that column measures little. "
