@@ -309,3 +309,20 @@ def test_glue_reading_names_ties_margins_and_the_majority():
     assert "best per task: sst2 lora, wnli" in glue_reading({"rows": rows})[0]
     del rows[5]  # a task SparseGrad has not run yet is in neither list
     assert "loses by more on sst2; the two are within their spread on no task." in glue_reading({"rows": rows})[0]
+
+
+def test_committed_glue_table_is_rebuilt_by_its_committed_records():
+    """The results page's GLUE table comes from run records kept in git: every row must come back from them,
+    or a clean clone could neither resume the bench nor check the table."""
+    from pathlib import Path
+
+    from sparsegrad.bench.glue import KEYS
+    from sparsegrad.bench.protocol import read_records, summarize
+
+    glue = Path(__file__).resolve().parents[2] / "docs" / "results" / "glue"
+    if not (glue / "glue.json").is_file():
+        pytest.skip("no committed GLUE results")
+    committed = json.loads((glue / "glue.json").read_text())
+    rebuilt = summarize(read_records(glue / "runs"), KEYS)
+    assert rebuilt["runs"] == committed["runs"]
+    assert json.loads(json.dumps(rebuilt["rows"])) == committed["rows"]
