@@ -191,13 +191,13 @@ def test_sharded_bench_bytes_fall_with_the_processes(tmp_path):
 
 
 def test_llm_bench_measures_projects_and_resumes(tmp_path):
-    """`bench llm` on a tiny LLaMA shape: every series measured once, the 32-block projection is the
-    documented arithmetic on those rows, a second run reuses them, and the page shows the section."""
+    """`bench llm` on a tiny LLaMA shape, two measurements at a time: every series measured once, the 32-block
+    projection is the documented arithmetic on those rows, a second run reuses them, and the page shows the section."""
     from sparsegrad.bench import llm
 
     out = tmp_path / "llm"
     argv = ["bench", "llm", "--shapes", "tiny", "--methods", "ft", "lora", "fixed-100k", "dynamic-100k",
-            "--targets", "paper", "--blocks", "1", "2", "--checkpointing", "off", "--seq", "16",
+            "--targets", "paper", "--blocks", "1", "2", "--checkpointing", "off", "--seq", "16", "--workers", "2",
             "--output-dir", str(out)]
     assert main(argv) == 0
     result = json.loads((out / "llm-cpu-tiny.json").read_text())
@@ -326,3 +326,23 @@ def test_committed_glue_table_is_rebuilt_by_its_committed_records():
     rebuilt = summarize(read_records(glue / "runs"), KEYS)
     assert rebuilt["runs"] == committed["runs"]
     assert json.loads(json.dumps(rebuilt["rows"])) == committed["rows"]
+
+
+def test_llm_reading_states_the_projections_it_reads():
+    """The 7B-shape section's sentence quotes the projected ratios of the committed GPU run, and says nothing
+    where a series it needs is missing."""
+    from pathlib import Path
+
+    from sparsegrad.bench.report import _llm_reading
+
+    path = Path(__file__).resolve().parents[2] / "docs" / "results" / "llm-cuda.json"
+    if not path.is_file():
+        pytest.skip("no committed 7B-shape results")
+    result = json.loads(path.read_text())
+    proj = {(p["method"], p["targets"], p["checkpointing"]): p for p in result["projections"]}
+    off, on = proj[("fixed-100k", "paper", False)], proj[("fixed-100k", "paper", True)]
+    text = _llm_reading(result)[0]
+    assert f"needs {off['peak_bytes_32_vs_lora']:.2f}x LoRA's peak without checkpointing" in text
+    assert f"{on['peak_bytes_32_vs_lora']:.2f}x with it, and {off['state_bytes_32_vs_lora']:.2f}x" in text
+    partial = {**result, "projections": [p for p in result["projections"] if p["method"] != "dynamic-100k"]}
+    assert _llm_reading(partial) == []

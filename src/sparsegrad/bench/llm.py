@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -44,7 +46,7 @@ from sparsegrad.util import write_json_atomic
 from ..recipes.machine import machine
 from ..recipes.memory import peak_memory, reset_peak_memory
 from ..recipes.methods import prepare
-from ..recipes.process import run_in_process
+from ..recipes.process import WorkerError, run_in_process
 from .speed import training_state
 
 LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
@@ -69,13 +71,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=2, help="training steps per measurement (the last is timed)")
     p.add_argument("--lora-rank", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=1,
+                   help="measurements at a time, each in its own process: on CUDA each peak stays its own process's "
+                        "(the allocator's), only the step times share the device; on CPU keep 1 (peak RSS, threads)")
     p.add_argument("--output-dir", default="bench-results/llm")
 
 
 # ---------------------------------------------------------------- one measurement, in its own process
 
-def build_decoder(n_blocks: int, shapes: str = "llama2-7b") -> torch.nn.Module:
-    """LLaMA-2-7B's shapes with n_blocks blocks, random bfloat16 weights (made in bfloat16: no float32 detour)."""
+def build_decoder(n_blocks: int, shapes: str = "llama2-7b", device: str = "cpu") -> torch.nn.Module:
+    """LLaMA-2-7B's shapes with n_blocks blocks, random bfloat16 weights made on `device` in bfloat16 (no float32
+    detour; on a GPU the random init takes no CPU time)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -83,7 +89,8 @@ def build_decoder(n_blocks: int, shapes: str = "llama2-7b") -> torch.nn.Module:
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
-        return LlamaForCausalLM(config)
+        with torch.device(device):
+            return LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(default)
 
@@ -104,9 +111,10 @@ def identity_bases(layers: dict[str, torch.nn.Module]) -> Bases:
 def measure(spec: dict) -> dict:
     """One (method, targets, blocks, checkpointing) measurement in this process."""
     torch.set_grad_enabled(True)
+    torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
     device = torch.device(spec["device"])
     method, _, size = spec["method"].partition("-")
-    model = build_decoder(spec["n_blocks"], spec["shapes"])
+    model = build_decoder(spec["n_blocks"], spec["shapes"], spec["device"])
     blocks = [0] if spec["block0_only"] else None
     kwargs = {}
     if method in ("fixed", "dynamic"):
@@ -116,7 +124,9 @@ def measure(spec: dict) -> dict:
                    targets=TARGETS[spec["targets"]], blocks=blocks, lora_rank=spec["lora_rank"], **kwargs)
     kwargs.clear()  # the energy goes: only the chosen support stays
     if spec["checkpointing"]:
-        model.activation_checkpointing_enable()
+        # transformers 5's name; its older releases have only the alias gradient_checkpointing_enable
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     model.to(device).train()
     opt = optimizer(model, lr=1e-5)
     g = torch.Generator().manual_seed(0)
@@ -201,7 +211,7 @@ def _specs(args: argparse.Namespace):
                     yield {"method": method, "targets": "all" if method == "ft" else targets, "n_blocks": n,
                            "block0_only": block0_only, "checkpointing": ckpt == "on", "seq": args.seq,
                            "steps": args.steps, "lora_rank": args.lora_rank, "device": args.device,
-                           "shapes": args.shapes}
+                           "shapes": args.shapes, "threads": max(1, (os.cpu_count() or 1) // args.workers)}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -220,17 +230,28 @@ def run(args: argparse.Namespace) -> dict:
     have = {key(r) for r in done}
     rows = list(done)
     specs = list(_specs(args))
-    for i, spec in enumerate(specs, 1):
-        if key(spec) in have:
-            continue
-        row = run_in_process("sparsegrad.bench.llm:measure", spec)
-        rows.append(row)
-        print(f"  [{i}/{len(specs)}] {row['method']} {row['targets']} N={row['n_blocks']}"
-              f"{' (block 0 only)' if row['block0_only'] else ''} ckpt={'on' if row['checkpointing'] else 'off'}: "
-              f"peak {row['peak_bytes'] / GB:.2f} GB, state {row['state_bytes'] / GB:.3f} GB, {row['step_s']:.1f} s/step",
-              file=sys.stderr, flush=True)
-        result = _result(args, rows)
-        write_json_atomic(path, result)  # after every row: an interrupted run resumes
+    todo = [s for s in specs if key(s) not in have]
+    failed = []
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:  # threads only wait: each measurement is a process
+        futures = [pool.submit(run_in_process, "sparsegrad.bench.llm:measure", s) for s in todo]
+        for future in as_completed(futures):
+            try:
+                row = future.result()
+            except WorkerError as e:  # one failed measurement (say, out of memory) leaves the others standing
+                failed.append(str(e))
+                print(f"  failed: {e}", file=sys.stderr, flush=True)
+                continue
+            rows.append(row)
+            print(f"  [{len(rows)}/{len(specs)}] {row['method']} {row['targets']} N={row['n_blocks']}"
+                  f"{' (block 0 only)' if row['block0_only'] else ''} ckpt={'on' if row['checkpointing'] else 'off'}: "
+                  f"peak {row['peak_bytes'] / GB:.2f} GB, state {row['state_bytes'] / GB:.3f} GB, "
+                  f"{row['step_s']:.2f} s/step", file=sys.stderr, flush=True)
+            write_json_atomic(path, _result(args, rows))  # after every row: an interrupted run resumes
+    order = {key(s): i for i, s in enumerate(specs)}
+    rows.sort(key=lambda r: order.get(key(r), -1))  # the table in the specs' order, whatever finished first
+    if failed:
+        raise WorkerError(f"{len(failed)} of {len(todo)} measurements failed (the others are kept in {path}; a rerun "
+                          f"measures only the missing ones); the first:\n{failed[0]}")
     result = _result(args, rows)
     write_json_atomic(path, result)
     (out / f"{name}.md").write_text(markdown(result) + "\n")
@@ -239,6 +260,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def _result(args: argparse.Namespace, rows: list[dict]) -> dict:
     meta = {"seq": args.seq, "steps": args.steps, "lora_rank": args.lora_rank, "shapes": args.shapes,
+            "workers": args.workers,
             "config": SHAPES[args.shapes], "blocks": sorted({r["n_blocks"] for r in rows})}
     return {"meta": machine(args.device) | meta, "rows": rows, "projections": project(rows)}
 

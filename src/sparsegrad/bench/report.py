@@ -212,14 +212,45 @@ def _llm_section(results: Path) -> list[str]:
             lines = ["## LLaMA-2-7B shapes on one device", "",
                      llm_bench.__doc__.split("\n\n")[2].replace("\n", " "), "",
                      llm_bench.__doc__.split("\n\n")[3].replace("\n", " "), ""]
-        title = (f"### `{path.name}`: {m['device']}, shapes {m['shapes']}, sequence {m['seq']}, batch 1, "
-                 f"blocks measured {m['blocks']}")
+        at_once = m.get("workers", 1)
+        title = (f"### `{path.name}`: {m.get('gpu', m['device'])}, torch {m['torch']}, shapes {m['shapes']}, "
+                 f"sequence {m['seq']}, batch 1, blocks measured {m['blocks']}"
+                 + (f", {at_once} measurements at a time (each its own process and peak; the step times share "
+                    "the device)" if at_once > 1 else ""))
         lines += [title, "", llm_bench.markdown(result), ""]
+        lines += _llm_reading(result)
         met = llm_bench.targets_met(result)
         if met:
             lines += ["| target (projected to 32 blocks) | measured | met |", "|---|---:|---|"]
             lines += [f"| {name} | {v:.2f} | {'yes' if ok else '**no**'} |" for name, v, ok in met] + [""]
     return lines
+
+
+def _llm_reading(result: dict) -> list[str]:
+    """What the 7B-shape projections show (paper targets), from the numbers themselves."""
+    from . import llm as llm_bench
+
+    proj = {(p["method"], p["targets"], p["checkpointing"]): p for p in result["projections"]}
+    row = next((r for r in result["rows"] if (r["method"], r["targets"], r["n_blocks"]) == ("fixed-100k", "paper", 1)),
+               None)
+    fixed = [proj.get(("fixed-100k", "paper", c)) for c in (False, True)]
+    dynamic, ft = proj.get(("dynamic-100k", "paper", False)), proj.get(("ft", "all", False))
+    if row is None or None in fixed or dynamic is None or ft is None:
+        return []
+    off, on = fixed
+    GB = llm_bench.GB
+    reading = (f"What the numbers show: at 32 blocks with the paper's targets SparseGrad fixed (100,000 entries per "
+               f"layer) needs {off['peak_bytes_32_vs_lora']:.2f}x LoRA's peak without checkpointing and "
+               f"{on['peak_bytes_32_vs_lora']:.2f}x with it, and {off['state_bytes_32_vs_lora']:.2f}x its training "
+               f"state. Fixed's peak grows per block by about the block's bfloat16 weights "
+               f"({off['peak_bytes_per_target_block'] / GB:.2f} GB), so checkpointing has little to take from it; its excess over LoRA is a constant, mostly the "
+               f"float32 bases held once per role ({row['bases_bytes'] / GB:.2f} GB for up and down), which "
+               f"checkpointing does not touch while it does shrink LoRA's saved activations. Dynamic keeps a dense "
+               f"float32 S per target layer: {dynamic['state_bytes_32_vs_lora']:.0f}x LoRA's state. Full fine-tuning "
+               f"needs {ft['peak_bytes_32'] / GB:.1f} GB. What they do not show: quality (identity bases, a random "
+               f"support), time (measurements shared the device), or a loaded 7B checkpoint (32 blocks are "
+               f"projected from 1, 2 and 4).")
+    return [reading, ""]
 
 
 SHARDED_SETUP = (
