@@ -129,7 +129,7 @@ def test_glue_bench_searches_each_lr_resumes_from_records_and_reports(glue_dir, 
 
 
 def test_glue_training_subsets_per_task():
-    """CoLA takes a larger subset than the others by default (at 1000 full FT stays at the majority class);
+    """CoLA takes a larger subset than the others by default (at 1000 full FT stays near the majority class);
     --max-train-samples, when given, is every task's."""
     from sparsegrad.bench.glue import train_subset
 

@@ -218,15 +218,16 @@ def lever_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def beats(result: dict, method: str, other: str, setting: str = "head") -> list[str]:
-    """The tasks on which `method` beats `other` by more than the larger seed spread (std) of the two."""
+def compare(result: dict, method: str, other: str, setting: str = "head") -> dict[str, list[str]]:
+    """The tasks on which `method` beats `other` ("wins"), loses to it ("loses"), by more than the larger seed
+    spread (std) of the two, or is within that spread ("within"); tasks where either has no score are left out."""
     get = {(r["task"], r["method"]): r for r in result["rows"] if r["setting"] == setting}
-    out = []
-    for (task, m), row in get.items():
-        gap = margin(row, get.get((task, other)))
-        if m == method and gap is not None and gap[0] > gap[1]:
-            out.append(task)
-    return sorted(out)
+    out = {"wins": [], "loses": [], "within": []}
+    for task in sorted({t for t, _ in get}):
+        gap = margin(get.get((task, method)), get.get((task, other)))
+        if gap is not None:
+            out["wins" if gap[0] > gap[1] else "loses" if -gap[0] > gap[1] else "within"].append(task)
+    return out
 
 
 def margin(row: dict | None, base: dict | None) -> tuple[float, float] | None:

@@ -480,13 +480,10 @@ def glue_reading(g: dict) -> list[str]:
         methods = {r["method"] for r in rows}
         text = f"{name}: best per task: " + ", ".join(f"{t} {_best(rows, t)}" for t in tasks) + ". "
         if {"sparsegrad-fixed", "lora"} <= methods:
-            won = glue_bench.beats(g, "sparsegrad-fixed", "lora", setting)
-            lost = glue_bench.beats(g, "lora", "sparsegrad-fixed", setting)
-            scored = {t for t in tasks if {"sparsegrad-fixed", "lora"} <= {r["method"] for r in rows if r["task"] == t}}
-            even = sorted(scored - set(won) - set(lost))
-            text += (f"SparseGrad fixed beats matched LoRA by more than the seeds' spread on {', '.join(won) or 'no task'}"
-                     f", and loses by more on {', '.join(lost) or 'no task'}; the two are within their spread on "
-                     f"{', '.join(even) or 'no task'}. ")
+            vs = glue_bench.compare(g, "sparsegrad-fixed", "lora", setting)
+            text += (f"SparseGrad fixed beats matched LoRA by more than the seeds' spread on "
+                     f"{', '.join(vs['wins']) or 'no task'}, and loses by more on {', '.join(vs['loses']) or 'no task'}; "
+                     f"the two are within their spread on {', '.join(vs['within']) or 'no task'}. ")
         below = sorted(r["task"] for r in rows if r["method"] == "ft" and r["mean"] <= r["dev_baseline"])
         if below:
             text += f"Full fine-tuning does not beat the majority class on {', '.join(below)}, so that column measures little. "
