@@ -35,11 +35,11 @@ def trained_S(layer: SparseGradLinear) -> torch.Tensor:
     return S
 
 
-def ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Distance of a from b in units in the last place of b's dtype (at b's magnitude)."""
+def ulps(a: torch.Tensor, b: torch.Tensor, slack: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """Distance of a from b, less `slack`, in units in the last place of b's dtype (at b's magnitude)."""
     spacing = torch.finfo(b.dtype).eps * torch.maximum(b.double().abs(), torch.tensor(torch.finfo(b.dtype).tiny))
-    return (a.double() - b.double()).abs() / (2 ** torch.floor(torch.log2(spacing / torch.finfo(b.dtype).eps))
-                                              * torch.finfo(b.dtype).eps)
+    distance = ((a.double() - b.double()).abs() - slack).clamp(min=0)
+    return distance / (2 ** torch.floor(torch.log2(spacing / torch.finfo(b.dtype).eps)) * torch.finfo(b.dtype).eps)
 
 
 @pytest.mark.parametrize("lr", [1e-4, 3e-2], ids=["small", "large"])
@@ -49,7 +49,10 @@ def test_many_updates_do_not_drift(mode, dtype, lr):
     """300 optimizer steps: the weight stays round(W_0 + U^T S V) within 1 ulp of a float64
     evaluation, where adding each step's change to the weight drifts by many ulps. No copy of
     W_0 is kept: the weight gives it back, but for a few entries kept apart (large steps cross
-    more powers of two: more of them)."""
+    more powers of two: more of them). The sum is float32's: where W_0 + U^T S V cancels to near
+    zero, its own rounding (a few float32 units at the scale of the terms, 2^-21 x that scale here)
+    can exceed a unit of the tiny result, and how it falls depends on the CPU's float32 kernels; that
+    much is allowed beside the 1 ulp, to both the fold and the per-step fold."""
     layer, W0 = low_precision_layer(mode, dtype)
     layer.bias.requires_grad_(False)  # only S trains (Adam on a float16 bias would underflow)
     assert layer.trainable.dtype == torch.float32 and layer.U.dtype == torch.float32
@@ -65,9 +68,11 @@ def test_many_updates_do_not_drift(mode, dtype, lr):
         step = (layer.U.double().t() @ (trained_S(layer) - before) @ layer.V.double()).t()
         naive += step.to(dtype)
     layer.sync()
-    reference = (W0.double() + (layer.U.double().t() @ trained_S(layer) @ layer.V.double()).t()).to(dtype)
-    err = ulps(layer.weight.detach(), reference)
-    naive_err = ulps(naive, reference)
+    S, U, V = trained_S(layer), layer.U.double(), layer.V.double()
+    reference = (W0.double() + (U.t() @ S @ V).t()).to(dtype)
+    float32_rounding = 2**-21 * (W0.double().abs() + (U.abs().t() @ S.abs() @ V.abs()).t())
+    err = ulps(layer.weight.detach(), reference, float32_rounding)
+    naive_err = ulps(naive, reference, float32_rounding)
     kept = layer.w0_index.numel() / layer.weight.numel()
     print(f"{mode} {dtype} lr {lr:g}: max {err.max():.0f} ulp, {100 * (err > 0).float().mean():.3f}% off by 1, "
           f"{100 * kept:.2f}% of W_0 kept apart; per-step fold: max {naive_err.max():.0f} ulp, "
