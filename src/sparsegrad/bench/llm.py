@@ -217,6 +217,8 @@ def _specs(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> dict:
     if len(set(args.blocks)) < 2 or min(args.blocks) < 1:
         raise ValueError(f"--blocks {args.blocks}: give at least two different block counts >= 1 for the slope")
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: give 1 or more measurements at a time")
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = f"llm-{args.device}" + ("" if args.shapes == "llama2-7b" else f"-{args.shapes}")
