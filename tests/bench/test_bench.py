@@ -84,7 +84,7 @@ def test_glue_bench_searches_each_lr_resumes_from_records_and_reports(glue_dir, 
     argv = ["bench", "glue", "--data-dir", str(glue_dir), "--tasks", "wnli", "--settings", "head",
             "--methods", "lora", "--levers", "sparsegrad-warm", "--seeds", "0", "1", "--no-extend",
             "--grid", "lora=1e-3,8e-3", "sparsegrad-warm=1e-3,8e-3",
-            "--output-dir", str(out), "--max-train-samples", "48", "--epochs", "1",
+            "--output-dir", str(out), "--workers", "2", "--max-train-samples", "48", "--epochs", "1",
             "--max-eval-samples", "32", "--max-length", "48", "--bases-steps", "2"]  # finetune's options, for the runs
     assert main(argv) == 0
     runs = out / "runs" / "head" / "wnli"
@@ -92,6 +92,7 @@ def test_glue_bench_searches_each_lr_resumes_from_records_and_reports(glue_dir, 
     assert len(records) == 2 * 3  # per method: 2 lrs on seed 0, then seed 1 at the chosen one
     result = json.loads((out / "glue.json").read_text())
     assert result["runs"] == 6 and not list((out / "work").rglob("model.safetensors"))  # the runs' models are gone
+    assert list(result["devices"]) == [r["device"] for r in records.values()][:1] == ["CPU (1 thread)"]
     for row in result["rows"]:
         mine = {k: r for k, r in records.items() if k.startswith(row["method"] + "/")}
         search = {r["lr"]: r["heldout_score"] for r in mine.values() if r["seed"] == 0}
@@ -289,8 +290,8 @@ def test_glue_reading_names_ties_margins_and_the_majority():
     larger seed spread, and a task where full FT does not beat the majority class is flagged."""
     from sparsegrad.bench.report import glue_reading
 
-    def row(task, method, mean, std):
-        return {"setting": "head", "task": task, "method": method, "mean": mean, "std": std,
+    def row(task, method, mean, std, seeds=(0, 1, 2)):
+        return {"setting": "head", "task": task, "method": method, "mean": mean, "std": std, "seeds": list(seeds),
                 "dev_baseline": {"sst2": 0.509, "wnli": 0.563}[task]}
 
     rows = [row("sst2", "ft", 0.809, 0.010), row("sst2", "lora", 0.812, 0.006),
@@ -309,6 +310,12 @@ def test_glue_reading_names_ties_margins_and_the_majority():
     assert "best per task: sst2 lora, wnli" in glue_reading({"rows": rows})[0]
     del rows[5]  # a task SparseGrad has not run yet is in neither list
     assert "loses by more on sst2; the two are within their spread on no task." in glue_reading({"rows": rows})[0]
+    # a row on fewer seeds than the others is still being built: named, and compared with nothing
+    rows.append(row("wnli", "sparsegrad-fixed", 0.70, 0.0, seeds=(0,)))
+    text, = glue_reading({"rows": rows})
+    assert "Still running, so left out of this reading: wnli sparsegrad-fixed. " in text
+    assert "best per task: sst2 lora, wnli ft and lora." in text  # not the unfinished 0.70
+    assert "loses by more on sst2; the two are within their spread on no task." in text
 
 
 def test_committed_glue_table_is_rebuilt_by_its_committed_records():

@@ -1,13 +1,16 @@
 """Checkpoints that are verified on load and fall back to the previous good one, writes that name a
-full disk and leave nothing behind, and the output folder's lock."""
+full disk and leave nothing behind, the output folder's lock, and the lock shared work waits on."""
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ from sparsegrad.recipes.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from sparsegrad.recipes.lock import FolderInUseError, FolderLock
+from sparsegrad.recipes.lock import FolderInUseError, FolderLock, waiting_lock
 from sparsegrad.util import DiskFullError, atomic_path, write_json_atomic
 
 
@@ -131,6 +134,29 @@ def test_the_folder_lock(tmp_path):
     assert f'"pid": {holder.pid}' in (folder / ".lock").read_text()  # its record is still there
     with FolderLock(folder):
         assert f'"pid": {os.getpid()}' in (folder / ".lock").read_text()
+
+
+def test_waiting_lock_lets_one_holder_in_at_a_time(tmp_path):
+    """Runs that share work (a benchmark's bases) wait for each other: the spans in which four threads hold
+    the lock do not overlap, and each found what the one before it left."""
+    spans, found = [], []
+
+    def work() -> None:
+        with waiting_lock(tmp_path / "shared" / "bases.lock"):
+            start = time.monotonic()
+            found.append((tmp_path / "done").is_file())
+            time.sleep(0.05)  # the work: without the lock, the others would start meanwhile
+            (tmp_path / "done").touch()
+            spans.append((start, time.monotonic()))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    spans.sort()
+    assert len(spans) == 4 and all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+    assert found == [False, True, True, True]
 
 
 def test_atomic_path_keeps_the_old_file_on_error(tmp_path):

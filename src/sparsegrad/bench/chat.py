@@ -27,7 +27,7 @@ from sparsegrad.util import write_json_atomic, write_text_atomic
 from ..recipes.config import RunConfig, from_args
 from ..recipes.config import add_arguments as add_config_arguments
 from ..recipes.methods import split_label
-from .protocol import cell, group_spec, read_records, run_groups, summarize
+from .protocol import add_workers_argument, cell, group_spec, read_records, run_groups, summarize
 
 METHODS = ("ft", "lora", "meprop", "sparsegrad-fixed", "sparsegrad-dynamic")
 GRID = (2.25e-4, 9e-4, 3.6e-3)  # around the paper's 9e-4 (Table 15)
@@ -48,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", default="bench-results/chat")
     p.add_argument("--work-dir", help="the runs while they train, and the bases (default: OUTPUT_DIR/work)")
     p.add_argument("--report-only", action="store_true", help="rebuild chat.json / chat.md from the records")
+    add_workers_argument(p)
     add_config_arguments(p, RunConfig, skip=("task", "method", "mode", "mixed_precision", "lr", "prompts",
                                               "max_prompts", "max_new_tokens"), group="runs", defaults=PAPER_SETTING)
 
@@ -79,11 +80,13 @@ def run(args: argparse.Namespace) -> dict:
                               records=out / "runs" / setting / "chat" / label, work=work / setting / label,
                               bases=work / "bases.safetensors", keys={"setting": setting, "method": label})
 
-        failed = run_groups([group(m, "fp32", base, args.grid, not args.no_extend) for m in args.methods])
+        failed = run_groups([group(m, "fp32", base, args.grid, not args.no_extend) for m in args.methods],
+                            args.workers)
         if args.bf16_methods and bf16_supported():
             chosen = {r["method"]: r["lr"] for r in summarize(read_records(out / "runs" / "fp32"), KEYS)["rows"]}
             bf16 = replace(base, mixed_precision="bf16")
-            failed += run_groups([group(m, "bf16", bf16, [chosen[m]], False) for m in args.bf16_methods if m in chosen])
+            failed += run_groups([group(m, "bf16", bf16, [chosen[m]], False) for m in args.bf16_methods if m in chosen],
+                              args.workers)
     result = {**summarize(read_records(out / "runs"), KEYS), "failed": failed}
     write_json_atomic(out / "chat.json", result)
     write_text_atomic(out / "chat.md", markdown(result) + "\n")

@@ -28,7 +28,7 @@ from sparsegrad.util import write_json_atomic, write_text_atomic
 from ..recipes.config import RunConfig, from_args
 from ..recipes.config import add_arguments as add_config_arguments
 from ..recipes.tasks import GLUE_FOLDERS, TASKS
-from .protocol import cell, group_spec, read_records, run_groups, summarize
+from .protocol import add_workers_argument, cell, group_spec, read_records, run_groups, summarize
 
 SETTINGS = ("head", "all")
 # method label -> the run options that make it (its lr grid: GRIDS)
@@ -74,6 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-train-samples", type=int,
                    help=f"the training subset of every task (default: {TRAIN_SAMPLES['default']}; "
                         + ", ".join(f"{t} {n}" for t, n in TRAIN_SAMPLES.items() if t != "default") + ")")
+    add_workers_argument(p)
     add_config_arguments(p, RunConfig, skip=("task", "method", "mode", "rest", "lr", "lora_rank", "prompts",
                                               "max_prompts", "max_new_tokens", "max_train_samples"),
                          group="runs", defaults=PROTOCOL)
@@ -139,7 +140,7 @@ def run(args: argparse.Namespace) -> dict:
                                      extend=not args.no_extend, records=out / "runs" / setting / task / label,
                                      work=work / setting / task / label, bases=bases,
                                      keys={"setting": setting, "method": label}))
-        failed = run_groups(groups)
+        failed = run_groups(groups, args.workers)
     result = {**summarize(read_records(out / "runs"), KEYS), "failed": failed}
     write_json_atomic(out / "glue.json", result)
     write_text_atomic(out / "glue.md", markdown(result) + "\n")
@@ -204,6 +205,7 @@ def lever_table(result: dict) -> str:
     if not any(r["method"] in LEVERS for r in rows):
         return ""
     get = {(r["task"], r["method"]): r for r in rows}
+    done = {(r["task"], r["method"]) for r in finished(result, "head")}
     lines = ["| variant | " + " | ".join(f"{t}: score | vs fixed" for t in tasks) + " |",
              "|---|" + "---:|---:|" * len(tasks)]
     for m in (m for m in LEVER_TABLE if any(r["method"] == m for r in rows)):
@@ -211,7 +213,7 @@ def lever_table(result: dict) -> str:
         for t in tasks:
             row, fixed = get.get((t, m)), get.get((t, "sparsegrad-fixed"))
             cells.append(cell(row))
-            gap = margin(row, fixed) if m != "sparsegrad-fixed" else None
+            gap = margin(row, fixed) if m != "sparsegrad-fixed" and {(t, m), (t, "sparsegrad-fixed")} <= done else None
             if gap is not None:
                 cells.append(f"{100 * gap[0]:+.1f} (spread {100 * gap[1]:.1f})")
             else:
@@ -220,10 +222,18 @@ def lever_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def finished(result: dict, setting: str) -> list[dict]:
+    """The setting's rows scored on as many seeds as the most any row of it has: the others are still being
+    built (a search, or seeds, to come) and are left out of the comparisons."""
+    rows = [r for r in result["rows"] if r["setting"] == setting and r["mean"] is not None]
+    full = max((len(r["seeds"]) for r in rows), default=0)
+    return [r for r in rows if len(r["seeds"]) == full]
+
+
 def compare(result: dict, method: str, other: str, setting: str = "head") -> dict[str, list[str]]:
     """The tasks on which `method` beats `other` ("wins"), loses to it ("loses"), by more than the larger seed
-    spread (std) of the two, or is within that spread ("within"); tasks where either has no score are left out."""
-    get = {(r["task"], r["method"]): r for r in result["rows"] if r["setting"] == setting}
+    spread (std) of the two, or is within that spread ("within"); tasks where either is unfinished are left out."""
+    get = {(r["task"], r["method"]): r for r in finished(result, setting)}
     out = {"wins": [], "loses": [], "within": []}
     for task in sorted({t for t, _ in get}):
         gap = margin(get.get((task, method)), get.get((task, other)))

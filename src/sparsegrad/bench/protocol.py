@@ -14,12 +14,15 @@ killed midway from its checkpoint), so a table can be built over several sitting
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
+import os
 import shutil
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -36,20 +39,37 @@ GRID_STEP = 4.0  # the grids' spacing, and how far past an edge the search steps
 
 # ---------------------------------------------------------------- the groups, each in a fresh process
 
-def run_groups(groups: list[dict]) -> list[str]:
-    """Run each group's spec (search_and_seeds) in a fresh process, after checking that no group would
-    mix in records made with other options; the names of the groups that failed."""
+def add_workers_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=1,
+                   help="groups (method x task) run at a time, each in its own process; more than 1 where the "
+                        "cores or a GPU have room (runs that share bases wait for the one computing them); the "
+                        "runs' steps/s then share the machine")
+
+
+def run_groups(groups: list[dict], workers: int = 1) -> list[str]:
+    """Run each group's spec (search_and_seeds) in a fresh process, `workers` at a time, after checking that no
+    group would mix in records made with other options; the names of the groups that failed."""
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: give 1 or more groups at a time")
     for spec in groups:
         check_records(Path(spec["records"]), RunConfig(**spec["config"]))
-    failed = []
-    for n, spec in enumerate(groups, 1):
+    threads = max(1, (os.cpu_count() or 1) // workers)
+
+    def run(n: int, spec: dict) -> str | None:
         print(f"== [{n}/{len(groups)}] {spec['name']}", file=sys.stderr, flush=True)
-        try:  # its peak memory and its imports are its own
-            run_in_process("sparsegrad.bench.protocol:search_and_seeds", spec, show_output=True)
+        try:  # its peak memory and its imports are its own; one at a time, its output streams through
+            run_in_process("sparsegrad.bench.protocol:search_and_seeds", {**spec, "threads": threads},
+                           show_output=workers == 1)
         except WorkerError as err:
-            print(f"sparsegrad: {spec['name']} failed: {err}", file=sys.stderr)
-            failed.append(spec["name"])
-    return failed
+            print(f"sparsegrad: {spec['name']} failed: {err}", file=sys.stderr, flush=True)
+            return spec["name"]
+        if workers > 1:
+            print(f"== done: {spec['name']}", file=sys.stderr, flush=True)
+        return None
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # threads only wait: each group is a process
+        failed = list(pool.map(lambda item: run(*item), enumerate(groups, 1)))
+    return [name for name in failed if name is not None]
 
 
 def group_spec(name: str, cfg: RunConfig, *, grid: tuple[float, ...], seeds: list[int], extend: bool,
@@ -62,11 +82,13 @@ def group_spec(name: str, cfg: RunConfig, *, grid: tuple[float, ...], seeds: lis
 
 def search_and_seeds(spec: dict) -> dict:
     """In the worker: the lr search on the first seed, then the other seeds at the chosen lr."""
+    import torch
     import transformers
 
     from ..recipes.experiment import validate
 
     transformers.logging.set_verbosity_error()
+    torch.set_num_threads(spec.get("threads", torch.get_num_threads()))
     cfg = RunConfig(**spec["config"])
     data = validate(cfg)
     maximize = data.task.greater_is_better
@@ -152,8 +174,18 @@ def make_record(cfg: RunConfig, result, data, seconds: float) -> dict:
             "heldout_examples": len(data.eval[held]), "dev_examples": len(data.eval[dev]),
             "steps_per_s": result.steps_per_s, "seconds": seconds,
             "nonzero_row_share": result.nonzero_row_share,  # per step, the sparse layers' (paper Fig. 3)
+            "device": device_name(result.device),
             "finished_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "config": record_config(cfg)}
+
+
+def device_name(device: str) -> str:
+    """What trained a run: 'CPU (<threads> threads)', or the GPU's name."""
+    from ..recipes.machine import machine
+
+    info = machine(device)
+    n = info["threads"]
+    return info.get("gpu") or f"CPU ({n} thread{'s' * (n != 1)})"
 
 
 def record_config(cfg: RunConfig) -> dict:
@@ -203,8 +235,13 @@ def summarize(records: list[dict], keys: tuple[str, ...]) -> dict:
                      "epochs": r0["config"].get("epochs"), "steps_per_s": float(np.mean([r["steps_per_s"] for r in at_lr])),
                      "runs": len(rs), "seconds": sum(r["seconds"] for r in rs)})
     dates = sorted(r["finished_at"] for r in records)
+    devices: dict[str, dict] = {}
+    for r in records:
+        d = devices.setdefault(r.get("device", "a device not recorded"), {"runs": 0, "seconds": 0.0})
+        d["runs"] += 1
+        d["seconds"] += r["seconds"]
     return {"rows": rows, "runs": len(records), "compute_seconds": sum(r["seconds"] for r in records),
-            "first_run": dates[0] if dates else None, "last_run": dates[-1] if dates else None}
+            "devices": devices, "first_run": dates[0] if dates else None, "last_run": dates[-1] if dates else None}
 
 
 def cell(row: dict | None, scale: float = 100.0, digits: int = 1) -> str:

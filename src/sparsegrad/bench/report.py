@@ -417,6 +417,13 @@ def _row_share_section(shares: dict | None, results: Path, link) -> list[str]:
             f"![non-zero rows]({link('row_share.png')})", ""]
 
 
+def _compute(summary: dict) -> str:
+    """'N runs, H h on <device>' per device that trained the records (each run's own time, summed: where
+    several ran at a time, the hours overlap)."""
+    return "; ".join(f"{d['runs']} runs, {d['seconds'] / 3600:.1f} h of run time on {name}"
+                     for name, d in sorted(summary["devices"].items()))
+
+
 def _glue_section(g: dict | None, results: Path, link) -> list[str]:
     if not g or not g["rows"]:
         return []
@@ -429,7 +436,7 @@ def _glue_section(g: dict | None, results: Path, link) -> list[str]:
              "Each method searches its own learning rate: seed 0 at 3 values 4x apart (one more past an edge "
              f"that wins), scored on examples held out of the training set ({held}); then seeds 1 and 2 at the "
              "chosen lr. Scores x100 on the dev sets, which choose nothing: mean ± std over the 3 seeds, with the "
-             f"lr used. {g['runs']} runs, {g['compute_seconds'] / 3600:.1f} h of 2 CPU cores, run "
+             f"lr used. {_compute(g)}, run "
              f"{_dates(g['first_run'][:10], g['last_run'][:10])}; each run's record is in "
              f"`{link('glue/runs')}` (the bench resumes from them).")
     lines = ["## GLUE, each method at its own learning rate (paper Table 4)", "", setup, "",
@@ -473,12 +480,15 @@ def glue_reading(g: dict) -> list[str]:
 
     out = []
     for setting, name in (("head", "PEFT setting"), ("all", "Paper setting")):
-        rows = [r for r in g["rows"] if r["setting"] == setting and r["mean"] is not None]
+        rows = glue_bench.finished(g, setting)
         if not rows:
             continue
         tasks = sorted({r["task"] for r in rows})
         methods = {r["method"] for r in rows}
+        running = [f"{r['task']} {r['method']}" for r in g["rows"] if r["setting"] == setting and r not in rows]
         text = f"{name}: best per task: " + ", ".join(f"{t} {_best(rows, t)}" for t in tasks) + ". "
+        if running:
+            text += f"Still running, so left out of this reading: {', '.join(running)}. "
         if {"sparsegrad-fixed", "lora"} <= methods:
             vs = glue_bench.compare(g, "sparsegrad-fixed", "lora", setting)
             text += (f"SparseGrad fixed beats matched LoRA by more than the seeds' spread on "
@@ -505,7 +515,7 @@ def _chat_section(c: dict | None, results: Path, link) -> list[str]:
              f"apart around the paper's 9e-4, selected on {r0['heldout_examples']} training conversations held "
              "out; then seeds 1 and 2 at the chosen lr. Validation loss per assistant token (mean ± std over "
              "the seeds, best evaluation); 'untrained': the model before fine-tuning on the held-out "
-             f"conversations. {c['runs']} runs, {c['compute_seconds'] / 3600:.1f} h, between "
+             f"conversations. {_compute(c)}, between "
              f"{c['first_run'][:10]} and {c['last_run'][:10]}; records in `{link('chat/runs')}`.")
     return ["## Instruction tuning (paper Table 6)", "", setup, "", chat_bench.markdown(c), "",
             ("Paper, Table 6 (LLaMA-2 7B, OpenAssistant, 1 epoch, lr 9e-4; up/down of every third block; "

@@ -59,6 +59,7 @@ from .checkpoint import (
 from .config import RunConfig
 from .data import encode_task, load_task
 from .kinds import kind_of
+from .lock import waiting_lock
 from .machine import versions
 from .memory import peak_memory, reset_peak_memory
 from .methods import METHODS, head_parameters, prepare
@@ -213,8 +214,13 @@ class FineTuneRecipe:
         return {"steps": cfg.bases_warmup_steps, "first_loss": losses[0], "last_loss": losses[-1]}
 
     def _load_or_compute_bases(self) -> tuple[Bases, dict]:
-        if self.bases_file.is_file():
-            return Bases.load(self.bases_file), {"source": str(self.bases_file), "seconds": 0.0}
+        # runs that share a bases file (a benchmark's, several at a time) compute it once: the others wait
+        with waiting_lock(self.bases_file.with_name(self.bases_file.name + ".lock")):
+            if self.bases_file.is_file():
+                return Bases.load(self.bases_file), {"source": str(self.bases_file), "seconds": 0.0}
+            return self._compute_bases()
+
+    def _compute_bases(self) -> tuple[Bases, dict]:
         n = min(self.cfg.bases_steps, len(self.batcher))
         batches = (to_device(self.batcher.batch(0, i), self.device) for i in range(n))
         start = time.perf_counter()

@@ -5,6 +5,9 @@ at once, naming the holder. The lock is an advisory `flock` on `<folder>/.lock`:
 system releases it when its process ends, however it ends (kill -9 included), so a lock left by a
 dead process is simply taken over. The file keeps the holder's pid, host and start time for the
 message; it is emptied on release. (POSIX only: where `fcntl` is missing the lock is not taken.)
+
+`waiting_lock(path)` is the other kind: work that several processes may reach at once but only one
+should do (the bases that a benchmark's parallel runs share): the others wait, then find it done.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Self
 
@@ -76,3 +81,21 @@ def _describe(text: str) -> str:
         return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}"
     except (ValueError, KeyError, TypeError):
         return "its details are not recorded yet"
+
+
+@contextmanager
+def waiting_lock(path: str | os.PathLike) -> Iterator[None]:
+    """`with waiting_lock(path):` — wait until no other process (or thread) holds `path`'s lock, then hold it.
+    The lock file is `path` itself, created if missing; released however the holder ends."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no advisory locks
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:  # its own open file: flock excludes other threads too
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
