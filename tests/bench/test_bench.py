@@ -335,6 +335,22 @@ def test_committed_glue_table_is_rebuilt_by_its_committed_records():
     assert json.loads(json.dumps(rebuilt["rows"])) == committed["rows"]
 
 
+def test_doc_paragraph_keeps_lists_and_formulas_of_a_docstring():
+    """The results page quotes bench docstrings: a "- " list stays a list (wrapped lines joined to their item),
+    an indented formula a code block, and prose one line."""
+    from types import SimpleNamespace
+
+    from sparsegrad.bench.report import doc_paragraph
+
+    doc = SimpleNamespace(__doc__="Title.\n\nIt reports:\n  - peak memory, or on CPU the\n    peak RSS;\n"
+                                  "  - seconds.\nMethods: full\nFT. Then:\n    all:  at 32 = a\n"
+                                  "    paper: at 32 = b\nand so on.\n")
+    assert doc_paragraph(doc, 1) == ("It reports:\n\n- peak memory, or on CPU the peak RSS;\n- seconds.\n\n"
+                                     "Methods: full FT. Then:\n\n```\nall:  at 32 = a\npaper: at 32 = b\n```\n\n"
+                                     "and so on.")
+    assert doc_paragraph(doc, 0) == "Title."
+
+
 def test_llm_reading_states_the_projections_it_reads():
     """The 7B-shape section's sentence quotes the projected ratios of the committed GPU run, and says nothing
     where a series it needs is missing."""

@@ -201,6 +201,30 @@ def performance_targets(speeds: list[dict], bases: dict | None) -> list[tuple[st
     return out
 
 
+def doc_paragraph(module, index: int) -> str:
+    """Paragraph `index` of a bench module's docstring as Markdown: prose lines joined into one, "- " items
+    kept as a list (their wrapped lines joined to them), other lines indented 4 spaces kept as a code block."""
+    blocks: list[list[str]] = []  # [kind, text], kind: prose, item or code
+    for line in module.__doc__.split("\n\n")[index].strip("\n").splitlines():
+        text = line.strip()
+        if text.startswith("- "):
+            blocks.append(["item", text])
+        elif line.startswith("    ") and blocks and blocks[-1][0] in ("item", "code"):
+            blocks[-1][1] += (" " if blocks[-1][0] == "item" else "\n") + (text if blocks[-1][0] == "item" else line[4:])
+        elif line.startswith("    "):
+            blocks.append(["code", line[4:]])
+        elif blocks and blocks[-1][0] == "prose":
+            blocks[-1][1] += " " + text
+        else:
+            blocks.append(["prose", text])
+    out = ""
+    for i, (kind, text) in enumerate(blocks):
+        if i:
+            out += "\n" if kind == blocks[i - 1][0] == "item" else "\n\n"
+        out += f"```\n{text}\n```" if kind == "code" else text
+    return out
+
+
 def _llm_section(results: Path) -> list[str]:
     from . import llm as llm_bench
 
@@ -209,9 +233,8 @@ def _llm_section(results: Path) -> list[str]:
         result = _load(path)
         m = result["meta"]
         if not lines:
-            lines = ["## LLaMA-2-7B shapes on one device", "",
-                     llm_bench.__doc__.split("\n\n")[2].replace("\n", " "), "",
-                     llm_bench.__doc__.split("\n\n")[3].replace("\n", " "), ""]
+            lines = ["## LLaMA-2-7B shapes on one device", "", doc_paragraph(llm_bench, 2), "",
+                     doc_paragraph(llm_bench, 3), ""]
         at_once = m.get("workers", 1)
         title = (f"### `{path.name}`: {m.get('gpu', m['device'])}, torch {m['torch']}, shapes {m['shapes']}, "
                  f"sequence {m['seq']}, batch 1, blocks measured {m['blocks']}"
@@ -291,7 +314,7 @@ def _fold_section(fold: dict | None) -> list[str]:
 
     m = fold["meta"]
     return ["## The fold: float32 in place, bfloat16 rebuilt", "",
-            layer_bench.__doc__.split("\n\n")[4].replace("\n", " ").strip()
+            doc_paragraph(layer_bench, 4)
             + f" One MLP linear of BERT-base, {m['tokens']} tokens, density {m['density']:g}, median of {m['iters']} steps.",
             "", layer_bench.fold_table(fold["rows"]), ""]
 
@@ -390,7 +413,7 @@ def _bases_section(b: dict | None) -> list[str]:
     from . import bases as bases_bench
 
     return ["## The preliminary phase (paper Sec. 3.1; docs/method.md)", "",
-            bases_bench.__doc__.split("\n\n")[2].replace("\n", " "), "", bases_bench.markdown(b), "",
+            doc_paragraph(bases_bench, 2), "", bases_bench.markdown(b), "",
             "Paper: 276 MB and 78 s (BERT), 5.2 GB and 668 s (LLaMA-2-7B) for its HOSVD on CPU.", ""]
 
 
