@@ -1,15 +1,15 @@
 """The fair protocol of the quality benchmarks (bench glue, bench chat): every method at its own
 learning rate, chosen without looking at the set it is scored on.
 
-Per (setting, task, method) -- a "group", run in a fresh process:
+Per (setting, task, method) -- a "group", run in a fresh process (--workers: several at a time):
 1. the search: the first seed at each lr of the method's grid, trained with part of the training set
    held out (RunConfig.heldout) as the split that selects the best model; when the best lr sits at
    an edge of the grid, strictly better than its neighbour, one more lr beyond it (at most twice);
 2. the other seeds at the lr with the best held-out score;
 3. the score: the task's own evaluation split ("dev"), mean ± std over the seeds at that lr.
 
-Every finished run leaves a small JSON record, <records>/lr<lr>-seed<s>.json (scores, lr, cost, when it
-ran) and nothing else: its model is deleted once recorded. A group resumes from its records (and a run
+Every finished run leaves a small JSON record, <records>/lr<lr>-seed<s>.json (scores, lr, cost, the device,
+when it ran) and nothing else: its model is deleted once recorded. A group resumes from its records (and a run
 killed midway from its checkpoint), so a table can be built over several sittings.
 """
 from __future__ import annotations
