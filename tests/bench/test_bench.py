@@ -318,6 +318,26 @@ def test_glue_reading_names_ties_margins_and_the_majority():
     assert "loses by more on sst2; the two are within their spread on no task." in text
 
 
+def test_chat_reading_names_the_lowest_loss_and_fixed_against_lora():
+    """The decoder table's sentence: lower is better; a gap inside the larger seed spread is no win; a row on
+    fewer seeds is named as running and compared with nothing."""
+    from sparsegrad.bench.report import chat_reading
+
+    def row(method, mean, std, seeds=(0, 1, 2)):
+        return {"setting": "fp32", "task": "chat", "method": method, "mean": mean, "std": std, "seeds": list(seeds),
+                "dev_baseline": 2.29, "train_examples": 135}
+
+    rows = [row("ft", 1.914, 0.003), row("lora", 1.9215, 0.0016), row("sparsegrad-fixed", 1.9216, 0.0004)]
+    text, = chat_reading({"rows": rows})
+    assert text.startswith("Lowest validation loss: ft (1.9140), lower than every other method by more than")
+    assert "SparseGrad fixed against matched LoRA: +0.0001 (larger spread 0.0016): within the seeds' spread." in text
+    rows[2]["mean"] = 1.915  # now lower than LoRA beyond the spread, and within ft's
+    text, = chat_reading({"rows": rows + [row("sparsegrad-dynamic", 1.0, 0.0, seeds=(0,))]})
+    assert "Lowest validation loss: ft (1.9140), with sparsegrad-fixed within the seeds' spread of it." in text
+    assert ": -0.0065 (larger spread 0.0016): lower." in text
+    assert "Still running, so left out of this reading: sparsegrad-dynamic." in text
+
+
 def test_committed_glue_table_is_rebuilt_by_its_committed_records():
     """The results page's GLUE table comes from run records kept in git: every row must come back from them,
     or a clean clone could neither resume the bench nor check the table."""

@@ -28,7 +28,16 @@ from sparsegrad.util import write_json_atomic, write_text_atomic
 from ..recipes.config import RunConfig, from_args
 from ..recipes.config import add_arguments as add_config_arguments
 from ..recipes.tasks import GLUE_FOLDERS, TASKS
-from .protocol import add_workers_argument, cell, group_spec, read_records, run_groups, summarize
+from .protocol import (
+    add_workers_argument,
+    cell,
+    finished,
+    group_spec,
+    margin,
+    read_records,
+    run_groups,
+    summarize,
+)
 
 SETTINGS = ("head", "all")
 # method label -> the run options that make it (its lr grid: GRIDS)
@@ -222,14 +231,6 @@ def lever_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def finished(result: dict, setting: str) -> list[dict]:
-    """The setting's rows scored on as many seeds as the most any row of it has: the others are still being
-    built (a search, or seeds, to come) and are left out of the comparisons."""
-    rows = [r for r in result["rows"] if r["setting"] == setting and r["mean"] is not None]
-    full = max((len(r["seeds"]) for r in rows), default=0)
-    return [r for r in rows if len(r["seeds"]) == full]
-
-
 def compare(result: dict, method: str, other: str, setting: str = "head") -> dict[str, list[str]]:
     """The tasks on which `method` beats `other` ("wins"), loses to it ("loses"), by more than the larger seed
     spread (std) of the two, or is within that spread ("within"); tasks where either is unfinished are left out."""
@@ -240,13 +241,6 @@ def compare(result: dict, method: str, other: str, setting: str = "head") -> dic
         if gap is not None:
             out["wins" if gap[0] > gap[1] else "loses" if -gap[0] > gap[1] else "within"].append(task)
     return out
-
-
-def margin(row: dict | None, base: dict | None) -> tuple[float, float] | None:
-    """(row's mean - base's mean, the larger of their seed spreads), or None where either has no score."""
-    if not row or not base or row["mean"] is None or base["mean"] is None:
-        return None
-    return row["mean"] - base["mean"], max(row["std"], base["std"])
 
 
 def _metric(rows: list[dict], task: str) -> str:

@@ -244,6 +244,21 @@ def summarize(records: list[dict], keys: tuple[str, ...]) -> dict:
             "devices": devices, "first_run": dates[0] if dates else None, "last_run": dates[-1] if dates else None}
 
 
+def finished(result: dict, setting: str) -> list[dict]:
+    """The setting's rows scored on as many seeds as the most any row of it has: the others are still being
+    built (a search, or seeds, to come) and are left out of the comparisons."""
+    rows = [r for r in result["rows"] if r["setting"] == setting and r["mean"] is not None]
+    full = max((len(r["seeds"]) for r in rows), default=0)
+    return [r for r in rows if len(r["seeds"]) == full]
+
+
+def margin(row: dict | None, base: dict | None) -> tuple[float, float] | None:
+    """(row's mean - base's mean, the larger of their seed spreads), or None where either has no score."""
+    if not row or not base or row["mean"] is None or base["mean"] is None:
+        return None
+    return row["mean"] - base["mean"], max(row["std"], base["std"])
+
+
 def cell(row: dict | None, scale: float = 100.0, digits: int = 1) -> str:
     """'mean ± std (lr ...)' of a summary row; scores x100 for metrics, x1 for losses."""
     if row is None:

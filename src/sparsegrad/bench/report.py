@@ -21,6 +21,8 @@ import numpy as np
 
 from sparsegrad.util import write_json_atomic, write_text_atomic
 
+from .protocol import finished, margin
+
 # The paper's figures: Table 3 (RoBERTa-base, GLUE average, GPU) and Table 4.
 PAPER_TABLE3 = {"ft": (4.11, 1345), "lora": (4.7, 944), "sparsegrad (sparse-by-dense)": (4.3, 1016),
                 "sparsegrad (regular)": (0.9, 1210)}
@@ -485,7 +487,6 @@ def _dates(first: str, last: str) -> str:
 def _best(rows: list[dict], task: str) -> str:
     """The method with the best mean on `task` (or how many share it), and how many others trail it by
     less than the seeds' spread: a top mean inside the spread is not a win."""
-    from .glue import margin
 
     scored = [r for r in rows if r["task"] == task]
     top = max(scored, key=lambda r: r["mean"])
@@ -503,7 +504,7 @@ def glue_reading(g: dict) -> list[str]:
 
     out = []
     for setting, name in (("head", "PEFT setting"), ("all", "Paper setting")):
-        rows = glue_bench.finished(g, setting)
+        rows = finished(g, setting)
         if not rows:
             continue
         tasks = sorted({r["task"] for r in rows})
@@ -525,6 +526,31 @@ def glue_reading(g: dict) -> list[str]:
     return out
 
 
+def chat_reading(c: dict) -> list[str]:
+    """A plain sentence on the float32 table: the lowest validation loss and who is within the seeds' spread
+    of it, SparseGrad fixed against matched LoRA, and the rows still being built."""
+    rows = finished(c, "fp32")
+    if not rows:
+        return []
+    best = min(rows, key=lambda r: r["mean"])
+    close = [r["method"] for r in rows if r is not best and margin(r, best)[0] <= margin(r, best)[1]]
+    text = (f"Lowest validation loss: {best['method']} ({best['mean']:.4f}), "
+            + (f"with {', '.join(close)} within the seeds' spread of it. " if close
+               else "lower than every other method by more than the seeds' spread. "))
+    get = {r["method"]: r for r in rows}
+    if {"sparsegrad-fixed", "lora"} <= set(get):
+        gap, spread = margin(get["sparsegrad-fixed"], get["lora"])
+        side = "within the seeds' spread" if abs(gap) <= spread else ("lower" if gap < 0 else "higher")
+        text += (f"SparseGrad fixed against matched LoRA: {gap:+.4f} (larger spread {spread:.4f}): {side}. ")
+    running = [r["method"] for r in c["rows"] if r["setting"] == "fp32" and r not in rows]
+    if running:
+        text += f"Still running, so left out of this reading: {', '.join(running)}. "
+    return [text + f"Every method ends well below the untrained model's loss on the held-out conversations "
+                   f"({best['dev_baseline']:.4f}). One 135M model, "
+            f"1 epoch of {best['train_examples']} conversations: this ranks the methods at equal effort in lr search; "
+            "it says nothing of what 7B models reach."]
+
+
 def _chat_section(c: dict | None, results: Path, link) -> list[str]:
     if not c or not c["rows"]:
         return []
@@ -538,9 +564,9 @@ def _chat_section(c: dict | None, results: Path, link) -> list[str]:
              f"apart around the paper's 9e-4, selected on {r0['heldout_examples']} training conversations held "
              "out; then seeds 1 and 2 at the chosen lr. Validation loss per assistant token (mean ± std over "
              "the seeds, best evaluation); 'untrained': the model before fine-tuning on the held-out "
-             f"conversations. {_compute(c)}, between "
-             f"{c['first_run'][:10]} and {c['last_run'][:10]}; records in `{link('chat/runs')}`.")
-    return ["## Instruction tuning (paper Table 6)", "", setup, "", chat_bench.markdown(c), "",
+             f"conversations. {_compute(c)}, run {_dates(c['first_run'][:10], c['last_run'][:10])}; records in "
+             f"`{link('chat/runs')}`.")
+    return ["## Instruction tuning (paper Table 6)", "", setup, "", chat_bench.markdown(c), "", *chat_reading(c), "",
             ("Paper, Table 6 (LLaMA-2 7B, OpenAssistant, 1 epoch, lr 9e-4; up/down of every third block; "
              "SparseGrad and MeProp ~100,000 entries per layer, 0.2%; LoRA rank 32): validation loss full FT "
              "1.250 ± 0.03, LoRA 1.249 ± 0.05, SparseGrad 1.247 ± 0.03, MeProp 1.259 ± 0.04."), ""]
