@@ -443,8 +443,8 @@ def _row_share_section(shares: dict | None, results: Path, link) -> list[str]:
 
 
 def _compute(summary: dict) -> str:
-    """'N runs, H h on <device>' per device that trained the records (each run's own time, summed: where
-    several ran at a time, the hours overlap)."""
+    """'N runs, H h of run time on <device>' per device that trained the records (each run's own time, summed:
+    where several ran at a time, the hours overlap)."""
     return "; ".join(f"{d['runs']} runs, {d['seconds'] / 3600:.1f} h of run time on {name}"
                      for name, d in sorted(summary["devices"].items()))
 
@@ -487,7 +487,6 @@ def _dates(first: str, last: str) -> str:
 def _best(rows: list[dict], task: str) -> str:
     """The method with the best mean on `task` (or how many share it), and how many others trail it by
     less than the seeds' spread: a top mean inside the spread is not a win."""
-
     scored = [r for r in rows if r["task"] == task]
     top = max(scored, key=lambda r: r["mean"])
     best = [r["method"] for r in scored if r["mean"] == top["mean"]]
