@@ -145,6 +145,9 @@ def test_report_errors_and_bad_options(tmp_path, capsys):
     assert "--fill 0.0" in capsys.readouterr().err
     assert main(["bench", "glue", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "g")]) == 2
     assert "no GLUE task folder" in capsys.readouterr().err
+    assert main(["bench", "llm", "--workers", "0", "--output-dir", str(tmp_path / "l")]) == 2
+    assert "--workers 0: give 1 or more measurements at a time" in capsys.readouterr().err
+    assert not (tmp_path / "l").exists()  # refused before anything is written
 
 
 def test_layer_bench_ratios_against_full_ft_from_the_same_run(tmp_path, capsys):

@@ -63,7 +63,10 @@ def test_each_method_takes_its_own_default_lr_unless_one_is_given():
     for label, cfg in peft.items():
         assert cfg.lr is None and cfg.with_default_lr().lr == DEFAULT_LR[("classification", "head", label)]
     assert peft["lora"].with_default_lr().lr != peft["ft"].with_default_lr().lr  # the methods want different ones
-    assert RunConfig(task="sst2", rest="all").with_default_lr().lr == FALLBACK_LR  # not measured: the old default
+    assert RunConfig(task="sst2", rest="all").with_default_lr().lr == DEFAULT_LR[("classification", "all", "ft")]
+    chat = {m: RunConfig(task="chat", method=m).with_default_lr().lr for m in ("ft", "lora")}
+    assert chat == {"ft": DEFAULT_LR[("causal_lm", "none", "ft")], "lora": DEFAULT_LR[("causal_lm", "none", "lora")]}
+    assert RunConfig(task="chat", rest="all").with_default_lr().lr == FALLBACK_LR  # not measured
     assert RunConfig(task="sst2", rest="head", method="lora", lr=3e-4).with_default_lr().lr == 3e-4
     args = _parser().parse_args(["--task", "sst2"])
     assert from_args(RunConfig, args).lr is None  # left out on the command line: resolved by the recipe

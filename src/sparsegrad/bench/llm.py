@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -46,7 +45,7 @@ from sparsegrad.util import write_json_atomic
 from ..recipes.machine import machine
 from ..recipes.memory import peak_memory, reset_peak_memory
 from ..recipes.methods import prepare
-from ..recipes.process import WorkerError, run_in_process
+from ..recipes.process import WorkerError, run_in_process, threads_per_worker
 from .speed import training_state
 
 LLAMA2_7B = {"hidden_size": 4096, "intermediate_size": 11008, "num_attention_heads": 32,
@@ -211,14 +210,13 @@ def _specs(args: argparse.Namespace):
                     yield {"method": method, "targets": "all" if method == "ft" else targets, "n_blocks": n,
                            "block0_only": block0_only, "checkpointing": ckpt == "on", "seq": args.seq,
                            "steps": args.steps, "lora_rank": args.lora_rank, "device": args.device,
-                           "shapes": args.shapes, "threads": max(1, (os.cpu_count() or 1) // args.workers)}
+                           "shapes": args.shapes, "threads": threads_per_worker(args.workers, "measurements")}
 
 
 def run(args: argparse.Namespace) -> dict:
     if len(set(args.blocks)) < 2 or min(args.blocks) < 1:
         raise ValueError(f"--blocks {args.blocks}: give at least two different block counts >= 1 for the slope")
-    if args.workers < 1:
-        raise ValueError(f"--workers {args.workers}: give 1 or more measurements at a time")
+    specs = list(_specs(args))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = f"llm-{args.device}" + ("" if args.shapes == "llama2-7b" else f"-{args.shapes}")
@@ -231,7 +229,6 @@ def run(args: argparse.Namespace) -> dict:
 
     have = {key(r) for r in done}
     rows = list(done)
-    specs = list(_specs(args))
     todo = [s for s in specs if key(s) not in have]
     failed = []
     with ThreadPoolExecutor(max_workers=args.workers) as pool:  # threads only wait: each measurement is a process

@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -32,7 +31,7 @@ from sparsegrad.util import write_json_atomic
 
 from ..recipes.config import RunConfig
 from ..recipes.experiment import option_changes
-from ..recipes.process import WorkerError, run_in_process
+from ..recipes.process import WorkerError, run_in_process, threads_per_worker
 
 GRID_STEP = 4.0  # the grids' spacing, and how far past an edge the search steps
 
@@ -49,11 +48,9 @@ def add_workers_argument(p: argparse.ArgumentParser) -> None:
 def run_groups(groups: list[dict], workers: int = 1) -> list[str]:
     """Run each group's spec (search_and_seeds) in a fresh process, `workers` at a time, after checking that no
     group would mix in records made with other options; the names of the groups that failed."""
-    if workers < 1:
-        raise ValueError(f"--workers {workers}: give 1 or more groups at a time")
+    threads = threads_per_worker(workers, "groups")
     for spec in groups:
         check_records(Path(spec["records"]), RunConfig(**spec["config"]))
-    threads = max(1, (os.cpu_count() or 1) // workers)
 
     def run(n: int, spec: dict) -> str | None:
         print(f"== [{n}/{len(groups)}] {spec['name']}", file=sys.stderr, flush=True)

@@ -211,8 +211,10 @@ def doc_paragraph(module, index: int) -> str:
         text = line.strip()
         if text.startswith("- "):
             blocks.append(["item", text])
-        elif line.startswith("    ") and blocks and blocks[-1][0] in ("item", "code"):
-            blocks[-1][1] += (" " if blocks[-1][0] == "item" else "\n") + (text if blocks[-1][0] == "item" else line[4:])
+        elif line.startswith("    ") and blocks and blocks[-1][0] == "item":  # an item's wrapped line
+            blocks[-1][1] += " " + text
+        elif line.startswith("    ") and blocks and blocks[-1][0] == "code":
+            blocks[-1][1] += "\n" + line[4:]
         elif line.startswith("    "):
             blocks.append(["code", line[4:]])
         elif blocks and blocks[-1][0] == "prose":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 
@@ -18,6 +19,13 @@ from sparsegrad.util import strict_json
 
 class WorkerError(RuntimeError):
     """A worker process failed; the message ends with its last output."""
+
+
+def threads_per_worker(workers: int, what: str) -> int:
+    """The CPU threads each of `workers` processes run at a time gets: the cores shared out, at least one."""
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: give 1 or more {what} at a time")
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def run_in_process(target: str, spec: dict, *, show_output: bool = False, processes: int | None = None) -> dict:

@@ -46,6 +46,15 @@ DEFAULT_LR: dict[tuple[str, str, str], float] = {
     ("classification", "head", "meprop"): 4e-4,
     ("classification", "head", "sparsegrad-fixed"): 2e-3,
     ("classification", "head", "sparsegrad-dynamic"): 2e-3,
+    # the paper's setting (every non-MLP parameter trains too): SST-2 and MRPC, MiniLM. The dense rest
+    # (15.6M) sets the step, so every method chose the dense one.
+    **{("classification", "all", label): 1e-4 for label in METHOD_LABELS},
+    # instruction tuning (only the MLP part trains): SmolLM2-135M on oasst1, the paper's Table 6 setting
+    ("causal_lm", "none", "ft"): 9e-4,
+    ("causal_lm", "none", "lora"): 3.6e-3,
+    ("causal_lm", "none", "meprop"): 3.6e-3,
+    ("causal_lm", "none", "sparsegrad-fixed"): 3.6e-3,
+    ("causal_lm", "none", "sparsegrad-dynamic"): 3.6e-3,
 }
 FALLBACK_LR = 1e-4
 
