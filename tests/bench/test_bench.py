@@ -392,3 +392,51 @@ def test_llm_reading_states_the_projections_it_reads():
     assert f"{on['peak_bytes_32_vs_lora']:.2f}x with it, and {off['state_bytes_32_vs_lora']:.2f}x" in text
     partial = {**result, "projections": [p for p in result["projections"] if p["method"] != "dynamic-100k"]}
     assert _llm_reading(partial) == []
+
+
+def test_default_lrs_take_the_best_mean_over_the_tasks_that_measure_something():
+    """A task where full FT does not beat the majority class, or a row still being built, chooses nothing; the
+    others' held-out scores are averaged per lr tried on all of them."""
+    from sparsegrad.bench.glue import default_lrs
+
+    def row(task, method, search, mean=0.8, seeds=(0, 1, 2)):
+        return {"setting": "head", "task": task, "method": method, "mean": mean, "std": 0.01, "seeds": list(seeds),
+                "dev_baseline": {"sst2": 0.5, "mrpc": 0.81, "wnli": 0.56}[task], "search": search}
+
+    rows = [row("sst2", "ft", {"0.0001": 0.8}), row("mrpc", "ft", {"0.0001": 0.83}, mean=0.84),
+            row("wnli", "ft", {"0.0001": 0.5}, mean=0.56),  # at the majority: measures nothing
+            row("sst2", "lora", {"0.0005": 0.80, "0.002": 0.82}),
+            row("mrpc", "lora", {"0.000125": 0.9, "0.0005": 0.83, "0.002": 0.80}),  # 1.25e-4 not tried on sst2
+            row("wnli", "lora", {"0.0005": 0.0, "0.002": 0.9}),
+            row("sst2", "meprop", {"0.0004": 0.8}, seeds=(0,))]  # still being built
+    lrs = default_lrs({"rows": rows}, "head")
+    assert set(lrs) == {"ft", "lora"}
+    assert lrs["lora"]["tasks"] == ["mrpc", "sst2"] and lrs["lora"]["lr"] == 5e-4  # 81.5 against 81.0
+    assert lrs["lora"]["means"] == pytest.approx({5e-4: 81.5, 2e-3: 81.0})
+    rows[4]["search"]["0.002"] = 0.85  # now 2e-3 leads the mean
+    assert default_lrs({"rows": rows}, "head")["lora"]["lr"] == 2e-3
+
+
+def test_recipes_default_lrs_are_the_committed_benches_choices():
+    """The recipes' DEFAULT_LR must say what the committed GLUE and chat records choose: classification per
+    setting by the best mean held-out score over the tasks that measure something, chat by the chat bench's lr."""
+    from pathlib import Path
+
+    from sparsegrad.bench.glue import default_lrs
+    from sparsegrad.recipes.methods import DEFAULT_LR
+
+    results = Path(__file__).resolve().parents[2] / "docs" / "results"
+    if not (results / "glue" / "glue.json").is_file() or not (results / "chat" / "chat.json").is_file():
+        pytest.skip("no committed GLUE and chat results")
+    glue = json.loads((results / "glue" / "glue.json").read_text())
+    checked = 0
+    for setting in ("head", "all"):
+        for method, choice in default_lrs(glue, setting).items():
+            if ("classification", setting, method) in DEFAULT_LR:
+                assert DEFAULT_LR[("classification", setting, method)] == choice["lr"], (setting, method, choice)
+                checked += 1
+    chat = json.loads((results / "chat" / "chat.json").read_text())
+    for row in (r for r in chat["rows"] if r["setting"] == "fp32"):
+        assert DEFAULT_LR[("causal_lm", "none", row["method"])] == row["lr"], row["method"]
+        checked += 1
+    assert checked >= 10

@@ -31,6 +31,7 @@ from ..recipes.tasks import GLUE_FOLDERS, TASKS
 from .protocol import (
     add_workers_argument,
     cell,
+    choose_lr,
     finished,
     group_spec,
     margin,
@@ -176,6 +177,7 @@ def _options(label: str) -> dict:
 
 
 KEYS = ("setting", "task", "method")  # a row of the tables
+_SETTING_NAMES = {"head": "PEFT setting (rest=head)", "all": "paper setting (rest=all)"}
 ORDER = [*METHODS, *LEVERS]
 LEVER_TABLE = ("lora", "sparsegrad-fixed", "sparsegrad-refresh", "sparsegrad-warm", "sparsegrad-dynamic")
 
@@ -189,7 +191,7 @@ def markdown(result: dict) -> str:
             continue
         tasks = list(dict.fromkeys(r["task"] for r in rows))
         methods = sorted(dict.fromkeys(r["method"] for r in rows), key=ORDER.index)
-        title = "PEFT setting (rest=head)" if setting == "head" else "paper setting (rest=all)"
+        title = _SETTING_NAMES[setting]
         lines += [f"**{title}**", "",
                   "| method | MLP trainable | " + " | ".join(f"{t} ({_metric(rows, t)})" for t in tasks) + " |",
                   "|---|---:|" + "---:|" * len(tasks)]
@@ -227,6 +229,45 @@ def lever_table(result: dict) -> str:
                 cells.append(f"{100 * gap[0]:+.1f} (spread {100 * gap[1]:.1f})")
             else:
                 cells.append("")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def default_lrs(result: dict, setting: str) -> dict[str, dict]:
+    """The lr each method of `setting` should default to: the one with the best mean held-out score (seed 0,
+    x100) over the tasks that measure something -- those where full fine-tuning's finished row beats the
+    majority class on dev -- counting the tasks where the method is finished and the lrs it tried on each.
+    Per method: {"lr", "tasks", "means": {lr: mean held-out score}}; methods with no such task are left out."""
+    rows = finished(result, setting)
+    measured = [r["task"] for r in rows if r["method"] == "ft" and r["mean"] > r["dev_baseline"]]
+    out = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        searches = [r["search"] for r in rows if r["method"] == method and r["task"] in measured]
+        if not searches:
+            continue
+        lrs = set.intersection(*(set(s) for s in searches))  # lrs as the summary's keys ("0.0001")
+        means = {float(lr): 100 * sum(s[lr] or 0.0 for s in searches) / len(searches) for lr in lrs}
+        out[method] = {"lr": choose_lr(means), "tasks": sorted(r["task"] for r in rows
+                                                               if r["method"] == method and r["task"] in measured),
+                       "means": dict(sorted(means.items()))}
+    return out
+
+
+def default_lr_table(result: dict) -> str:
+    """Per method and setting: the mean held-out score (x100) of each lr over the tasks that measure something,
+    the chosen lr in bold -- the evidence for the recipes' default lrs."""
+    choices = {setting: default_lrs(result, setting) for setting in SETTINGS}
+    methods = sorted({m for c in choices.values() for m in c}, key=ORDER.index)
+    if not methods:
+        return ""
+    lines = ["| method | " + " | ".join(f"{_SETTING_NAMES[s]}: mean held-out score per lr" for s in SETTINGS) + " |",
+             "|---|" + "---|" * len(SETTINGS)]
+    for m in methods:
+        cells = []
+        for setting in SETTINGS:
+            c = choices[setting].get(m)
+            cells.append("" if c is None else ", ".join((f"**{lr:g}: {v:.1f}**" if lr == c["lr"] else f"{lr:g}: {v:.1f}")
+                                                        for lr, v in c["means"].items()) + f" ({', '.join(c['tasks'])})")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
