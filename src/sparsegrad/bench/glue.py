@@ -242,13 +242,13 @@ def default_lrs(result: dict, setting: str) -> dict[str, dict]:
     measured = [r["task"] for r in rows if r["method"] == "ft" and r["mean"] > r["dev_baseline"]]
     out = {}
     for method in dict.fromkeys(r["method"] for r in rows):
-        searches = [r["search"] for r in rows if r["method"] == method and r["task"] in measured]
-        if not searches:
+        counted = [r for r in rows if r["method"] == method and r["task"] in measured]
+        if not counted:
             continue
+        searches = [r["search"] for r in counted]
         lrs = set.intersection(*(set(s) for s in searches))  # lrs as the summary's keys ("0.0001")
         means = {float(lr): 100 * sum(s[lr] or 0.0 for s in searches) / len(searches) for lr in lrs}
-        out[method] = {"lr": choose_lr(means), "tasks": sorted(r["task"] for r in rows
-                                                               if r["method"] == method and r["task"] in measured),
+        out[method] = {"lr": choose_lr(means), "tasks": sorted(r["task"] for r in counted),
                        "means": dict(sorted(means.items()))}
     return out
 

@@ -198,6 +198,7 @@ def project(rows: list[dict]) -> list[dict]:
 
 
 def _specs(args: argparse.Namespace):
+    threads = threads_per_worker(args.workers, "measurements")
     for targets in args.targets:
         for method in args.methods:
             if method == "ft" and targets != args.targets[0]:
@@ -210,7 +211,7 @@ def _specs(args: argparse.Namespace):
                     yield {"method": method, "targets": "all" if method == "ft" else targets, "n_blocks": n,
                            "block0_only": block0_only, "checkpointing": ckpt == "on", "seq": args.seq,
                            "steps": args.steps, "lora_rank": args.lora_rank, "device": args.device,
-                           "shapes": args.shapes, "threads": threads_per_worker(args.workers, "measurements")}
+                           "shapes": args.shapes, "threads": threads}
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -541,7 +541,7 @@ def chat_reading(c: dict) -> list[str]:
     if not rows:
         return []
     best = min(rows, key=lambda r: r["mean"])
-    close = [r["method"] for r in rows if r is not best and margin(r, best)[0] <= margin(r, best)[1]]
+    close = [r["method"] for r in rows if r is not best and (m := margin(r, best))[0] <= m[1]]
     text = (f"Lowest validation loss: {best['method']} ({best['mean']:.4f}), "
             + (f"with {', '.join(close)} within the seeds' spread of it. " if close
                else "lower than every other method by more than the seeds' spread. "))
