@@ -16,6 +16,7 @@ tasks, the training loop, the command line -- are `sparsegrad.recipes` (the `rec
 """
 from .adapter import load_adapter, save_adapter
 from .basis import Bases, GramAccumulator, compute_bases
+from .folding import fold
 from .layer import DynamicSparseGradLinear, FixedSparseGradLinear, SparseGradLinear
 from .meprop import MePropLinear
 from .model import apply, merge, sparse_layers, sparsify_gradients, trainable_parameters
@@ -51,6 +52,7 @@ __all__ = [
     "clip_grad_norm_",
     "compute_bases",
     "find_targets",
+    "fold",
     "load_adapter",
     "merge",
     "optimizer",

@@ -7,8 +7,8 @@ in the transformed space:
     W_eff^T = W_0^T + U^T S V,        dL/dS = U G V^T        (both (d_in, d_out))
 
 The layer keeps W_eff merged in `weight` (frozen), so its forward pass and input gradient are
-nn.Linear's (see sparse_linear.py). Whenever S changes (an optimizer step), the next forward,
-`state_dict()` or merge folds the change into `weight` (`sync`):
+nn.Linear's (see sparse_linear.py). After each optimizer step that changes S the change is folded
+into `weight` (fold.py; `state_dict()`, merging and `set_trained` fold what is pending too):
   - float32 / float64 weights take the step's change, W += U^T dS V, in place;
   - bfloat16 / float16 weights are rebuilt, W = round(W_0 + U^T S V) with the sum evaluated in
     float32 and rounded once. Adding each step's change to a bfloat16 weight instead would round
@@ -39,10 +39,11 @@ from torch import nn
 from torch.autograd.profiler import record_function
 from torch.distributed.tensor import DTensor
 
+from . import folding
 from .collectives import all_gather_cat, keep_global_topk, shard_rows
 from .meprop import MePropLinear
-from .sparse_linear import LOW_PRECISION, SparseLinear, linear_weight, master_dtype
-from .support import SupportPlan, topk_support
+from .sparse_linear import LOW_PRECISION, SparseLinear, linear_weight, master_dtype, sparse_entries
+from .support import SupportPlan, fold_entries, topk_support
 
 # id(source basis) -> (weakref to it, fn, converted basis) of the latest Module._apply
 # (model.to(...), .double(), ...): a basis shared by many layers is converted once, so
@@ -118,6 +119,7 @@ class SparseGradLinear(SparseLinear):
         self.register_buffer("w0_index", torch.zeros(0, dtype=self._index_dtype(), device=device) if low else None)
         self.register_buffer("w0_value", self.weight.new_zeros(0) if low else None)
         self.unfolded = False  # S taken out of the weight (see unfold)
+        folding.register(self)  # folded after each optimizer step that updates S
 
     @classmethod
     def from_linear(cls, module: nn.Module, *, k: int, mode: str | None = None, **kwargs) -> SparseLinear:
@@ -138,6 +140,10 @@ class SparseGradLinear(SparseLinear):
         return super().from_linear(module, k=k, **kwargs)
 
     # ------------------------------------------------------------------ state
+    def __setstate__(self, state):  # copy.deepcopy and pickle build the layer without __init__
+        super().__setstate__(state)
+        folding.register(self)
+
     def _apply(self, fn, recurse=True):
         # the bases stay shared between layers; they and S stay at least float32
         bases = {name: self._buffers.pop(name) for name in ("U", "V") if self._buffers.get(name) is not None}
@@ -198,8 +204,13 @@ class SparseGradLinear(SparseLinear):
         """(rows, cols, values) of S's trained entries: what an adapter stores."""
         raise NotImplementedError
 
-    def _changed(self) -> _Change | None:
-        """The entries of S that changed since the last fold, or None; marks them folded."""
+    def _changed(self, check: bool = True) -> _Change | None:
+        """The entries of S that may have changed since the last fold, or None; marks them folded.
+        check: look on the device whether anything changed (a read-back); without, fold what may have."""
+        raise NotImplementedError
+
+    def _fold_change(self, change: _Change) -> None:
+        """weight += U^T dS V for a float32 / float64 weight."""
         raise NotImplementedError
 
     def _trained_plan(self) -> tuple[SupportPlan, torch.Tensor] | None:
@@ -218,21 +229,25 @@ class SparseGradLinear(SparseLinear):
         self.sync()
 
     @torch.no_grad()
-    def sync(self) -> None:
-        """Fold trained values that changed since the last fold into `weight` (none while unfolded)."""
+    def sync(self, check: bool = True) -> None:
+        """Fold trained values that changed since the last fold into `weight` (none while unfolded).
+        check=False (after an optimizer step, see fold.py): fold without reading the device first."""
         if self.unfolded:
             return
         if self.sharded:
             return self._sync_sharded()
-        change = self._changed()
+        change = self._changed(check)
         if change is None:
             return
         with record_function("sparsegrad.fold"), torch.autocast(self.weight.device.type, enabled=False):
             if self.weight.dtype in LOW_PRECISION:
                 self._rebuild(self._folded_plan(change), self._trained_plan())
             else:
-                a, b = change.plan.sides(self.U, self.V)
-                change.plan.fold(self.weight.data, change.diff.to(a.dtype), a, b)
+                self._fold_change(change)
+
+    def fold_step(self) -> None:
+        """After an optimizer step that updated S (fold.py calls it): fold the step's change."""
+        self.sync(check=False)
 
     def _sync_sharded(self) -> None:
         """sync under FSDP2 (collective): this rank's rows lo:hi of W (d_out) take their part of the
@@ -252,9 +267,8 @@ class SparseGradLinear(SparseLinear):
         """Sharded: refuse to run forward on a weight that lacks the last change of S, which an optimizer
         step other than sparsegrad.optimizer's (which folds after it) leaves behind."""
         if not self._folded():
-            raise RuntimeError("S changed since it was last folded into the sharded weight: after each optimizer "
-                               "step call sparsegrad.sharding.fold(model) on every rank (sparsegrad.optimizer "
-                               "builds an optimizer that does)")
+            raise RuntimeError("S changed since it was last folded into the sharded weight: after writing S "
+                               "outside an optimizer step, call sparsegrad.fold(model) on every rank")
 
     def _folded(self) -> bool:
         raise NotImplementedError
@@ -362,9 +376,10 @@ def _lookup(sorted_keys: torch.Tensor, values: torch.Tensor, keys: torch.Tensor,
 @dataclass
 class _Change:
     """What changed in S since the last fold: diff = S - S_folded at the plan's entries (caller order);
-    `before` holds S_folded there, `flat` their flat indices (None: the fixed support, in its order)."""
+    `before` holds S_folded there, `flat` their flat indices (None: the fixed support, in its order;
+    dynamic: no plan, the entries fold by fold_entries)."""
 
-    plan: SupportPlan
+    plan: SupportPlan | None
     diff: torch.Tensor
     before: torch.Tensor
     flat: torch.Tensor | None = None
@@ -397,8 +412,6 @@ class FixedSparseGradLinear(SparseGradLinear):
         for name in ("frozen_rows", "frozen_cols", "frozen_values"):
             self.register_buffer(name, None)
         self.energy: torch.Tensor | None = None  # (d_in, d_out) sum of (U G V^T)^2 while recording (refresh)
-        self._plan: SupportPlan | None = None
-        self._plan_key = None
 
     def _order_support(self, rows, cols) -> torch.Tensor:
         """Check the support and store it in the order the gradient kernels walk it (sorted along the
@@ -415,6 +428,7 @@ class FixedSparseGradLinear(SparseGradLinear):
         transposed = SupportPlan.orientation(rows, cols)
         order = torch.argsort(cols * d_in + rows if transposed else rows * d_out + cols)
         self.rows, self.cols = rows[order].to(torch.int32), cols[order].to(torch.int32)
+        self._build_plan()
         return order
 
     @classmethod
@@ -435,13 +449,21 @@ class FixedSparseGradLinear(SparseGradLinear):
     def trainable(self) -> nn.Parameter:
         return self.values
 
+    def _build_plan(self) -> None:
+        """The support's plan, built whenever the support is set or moves (reading it back once), never in a
+        step: forward and backward then read nothing, and a compiled graph holds no data-dependent shape."""
+        self._plan = None if self.rows.is_meta else SupportPlan.build(self.rows, self.cols, self.in_features,
+                                                                      self.out_features)
+
     def _support_plan(self) -> SupportPlan:
-        key = (self.rows.data_ptr(), self.rows._version, self.cols._version, self.rows.device)
-        if self._plan is None or self._plan_key != key:
-            # in plan order already (see __init__): the plan's column indices are the layer's own buffer
-            self._plan = SupportPlan.build(self.rows, self.cols, self.in_features, self.out_features)
-            self._plan_key = key
+        if self._plan is None:
+            self._build_plan()
         return self._plan
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._build_plan()  # its index tensors follow the support to its new device
+        return result
 
     def trained_entries(self):
         values = self.values.detach()
@@ -489,13 +511,17 @@ class FixedSparseGradLinear(SparseGradLinear):
         order = torch.argsort(old_key)
         return _lookup(old_key[order], order, new_key, -1)
 
-    def _changed(self):
+    def _changed(self, check=True):
         diff = self.values.detach() - self._merged
-        if not bool(diff.any()):
+        if check and not bool(diff.any()):
             return None
         before = self._merged.clone()
         self._merged.copy_(self.values.detach())
         return _Change(self._support_plan(), diff, before)
+
+    def _fold_change(self, change):
+        a, b = change.plan.sides(self.U, self.V)
+        change.plan.fold(self.weight.data, change.diff.to(a.dtype), a, b)
 
     def _sharded_change(self):
         full = self.values.detach().full_tensor()  # (k,): this rank holds k / N of them
@@ -536,6 +562,7 @@ class FixedSparseGradLinear(SparseGradLinear):
         for name in names:
             setattr(self, name, None)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._build_plan()  # the support may have been loaded in place
         for name, t in saved.items():
             setattr(self, name, None if t is None else t.to(self.rows.device))
 
@@ -570,14 +597,10 @@ class DynamicSparseGradLinear(SparseGradLinear):
                          owner=owner)
         self.delta = nn.Parameter(torch.zeros(in_features, out_features, device=device, dtype=master_dtype(dtype)))
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (flat indices, values of S there) since the fold
-        self._folded_key = self._delta_key()
 
     @property
     def trainable(self) -> nn.Parameter:
         return self.delta
-
-    def _delta_key(self) -> tuple[int, int]:
-        return self.delta.data_ptr(), self.delta._version
 
     def trained_entries(self):
         S = self.delta.detach()
@@ -607,36 +630,40 @@ class DynamicSparseGradLinear(SparseGradLinear):
                               self.delta.detach().reshape(-1).clone()))
         super().set_trained(values)
 
-    def _changed(self):
-        key = self._delta_key()
-        if key == self._folded_key:  # S untouched since the last fold (forward, recomputation, eval)
+    def _changed(self, check=True):
+        if not self._pending:  # nothing handed out since the last fold (S written in place otherwise: set_trained)
             return None
-        self._folded_key = key
-        if not self._pending:  # written in place without a gradient (a broadcast of equal values)
-            return None
-        flat, before = self._take_pending()
-        diff = self.delta.detach().reshape(-1)[flat] - before
-        moved = diff.ne(0)
-        if not bool(moved.any()):
-            return None
-        return _Change(self._plan(flat[moved]), diff[moved], before[moved], flat[moved])
+        flat, diff, before = self._take_pending()
+        if check or self.weight.dtype in LOW_PRECISION:  # only the entries that moved (read back)
+            moved = diff.ne(0)
+            if not bool(moved.any()):
+                return None
+            flat, diff, before = flat[moved], diff[moved], before[moved]
+        return _Change(None, diff, before, flat)
 
-    def _take_pending(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(flat indices, values of S before) of the entries handed out since the last fold, each once;
-        the record is cleared. An entry handed out twice (accumulation) was recorded with one value."""
-        if not self._pending:
-            return torch.zeros(0, dtype=torch.long, device=self.U.device), torch.zeros(0, device=self.U.device)
+    def _fold_change(self, change):
+        fold_entries(self.weight.data, change.flat, change.diff, self.U, self.V)
+
+    def _take_pending(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(flat indices, S - S_before, S_before) of the entries handed out since the last fold; the record
+        is cleared. An entry handed out twice (accumulation) was recorded twice with one value: its second
+        record's change is zero. Static shapes: nothing is read back."""
         flat = torch.cat([f for f, _ in self._pending])
         before = torch.cat([v for _, v in self._pending])
         self._pending.clear()
-        flat, inverse = torch.unique(flat, return_inverse=True)
-        return flat, before.new_empty(flat.numel()).scatter_(0, inverse, before)
+        flat, order = flat.sort()
+        before = before[order]
+        S = self.delta.detach()
+        diff = (S.to_local() if self.sharded else S).reshape(-1)[flat] - before
+        repeated = torch.cat((flat.new_zeros(1, dtype=torch.bool), flat[1:] == flat[:-1]))
+        return flat, diff.masked_fill_(repeated, 0), before
 
     def _sharded_change(self):
         S = self.delta.detach()
-        local = S.to_local().reshape(-1)  # this rank's rows of S, flattened
-        flat, before = self._take_pending()  # local flat indices
-        diff = local[flat] - before
+        if not self._pending:
+            self._pending.append((torch.zeros(0, dtype=torch.long, device=self.U.device),
+                                  torch.zeros(0, device=self.U.device)))
+        flat, diff, before = self._take_pending()  # local flat indices into this rank's rows of S
         moved = diff.ne(0)
         offset = shard_rows(S)[0] * self.out_features
         flat, diff, before = all_gather_cat([flat[moved] + offset, diff[moved], before[moved]], S.device_mesh.get_group())
@@ -658,7 +685,6 @@ class DynamicSparseGradLinear(SparseGradLinear):
     def _forget_folded(self) -> None:
         flat = self.delta.detach().reshape(-1).nonzero().squeeze(1)
         self._pending = [(flat, self.delta.new_zeros(flat.numel()))] if flat.numel() else []
-        self._folded_key = None
 
     def _set_entries(self, rows, cols, values) -> None:
         if rows.numel() > self.delta.numel():
@@ -675,16 +701,12 @@ class DynamicSparseGradLinear(SparseGradLinear):
         super()._load_from_state_dict(*args, **kwargs)
         # a state dict holds S with the weight it folds to (saving syncs first): nothing is pending
         self._pending.clear()
-        if not self.sharded:
-            self._folded_key = self._delta_key()
 
     def _sparse_topk(self, full: torch.Tensor) -> torch.Tensor:
         """The exact top-k entries of `full` (d_in, d_out) as a sparse gradient; their values of S are recorded."""
-        flat = torch.topk(full.reshape(-1).abs(), self.k, sorted=False).indices
+        flat = torch.topk(full.reshape(-1).abs(), self.k, sorted=False).indices.sort().values
         self._pending.append((flat, self.delta.detach().reshape(-1)[flat]))
-        index = torch.stack((flat // self.out_features, flat % self.out_features))
-        return torch.sparse_coo_tensor(index, full.reshape(-1)[flat].to(self.delta.dtype), full.shape,
-                                       check_invariants=False)
+        return sparse_entries(flat, full.reshape(-1)[flat].to(self.delta.dtype), full.shape)
 
     @torch.no_grad()
     def sparsify_grad(self) -> None:

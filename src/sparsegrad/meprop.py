@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import torch
 
-from .sparse_linear import SparseLinear, topk_dense
+from .sparse_linear import SparseLinear, topk_entries
 
 
 class MePropLinear(SparseLinear):
-    """nn.Linear whose weight gradient keeps its k largest-magnitude entries (zeros elsewhere)."""
+    """nn.Linear whose weight gradient keeps its k largest-magnitude entries: a sparse COO gradient of k
+    entries, which a lazy optimizer (sparsegrad.optimizer) updates without reading the device back."""
 
     mode = "meprop"
     trains_weight = True
@@ -22,4 +23,4 @@ class MePropLinear(SparseLinear):
 
     def _trainable_grad(self, x: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
         g = (dy.t() @ x).to(self.weight.dtype)  # (d_out, t) @ (t, d_in): dL/dW
-        return topk_dense(g, self.k) if self.topk_in_backward else g
+        return topk_entries(g, self.k) if self.topk_in_backward else g

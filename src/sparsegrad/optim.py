@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 
 from .layer import FixedSparseGradLinear
 from .model import sparse_layers
+from .readbacks import to_host
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -50,6 +51,7 @@ class SparseAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._make_room()
         for group in self.param_groups:
             lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for param in group["params"]:
@@ -60,16 +62,13 @@ class SparseAdamW(torch.optim.Optimizer):
                     raise RuntimeError("a sparse gradient reached a dense group of SparseAdamW; put it in a lazy group")
                 state = self.state[param]
                 if not state:
-                    state["step"] = torch.tensor(0.0)
-                    if group["lazy"]:  # moments of the entries in `index` (sorted flat indices) only
-                        state["index"] = torch.zeros(0, dtype=torch.long, device=p.device)
-                        state["exp_avg"] = p.new_zeros(0)
-                        state["exp_avg_sq"] = p.new_zeros(0)
+                    state["step"] = 0  # a host-side count: the bias corrections never read the device
+                    if group["lazy"]:
+                        state.update(_empty_store(p))
                     else:
                         state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                         state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                step = float(state["step"])
+                state["step"] = step = int(state["step"]) + 1
                 bias1, bias2 = 1 - beta1**step, 1 - beta2**step
                 if group["lazy"]:
                     self._lazy_update(p, grad, state, lr, beta1, beta2, eps, wd, bias1, bias2)
@@ -82,19 +81,49 @@ class SparseAdamW(torch.optim.Optimizer):
                     p.addcdiv_(exp_avg, denom, value=-lr / bias1)
         return loss
 
+    def _make_room(self) -> None:
+        """Grow the lazy stores that this step's entries could overflow; their counts in use are read
+        back together, once (see _grow): no read-back at all on most steps."""
+        short = []
+        for group in self.param_groups:
+            for param in group["params"] if group["lazy"] else ():
+                state, grad = self.state[param], param.grad
+                if grad is None or not state:
+                    continue
+                grad = _local(grad)
+                if not grad.is_sparse:
+                    continue  # a dense gradient's entries are counted when its support is read back
+                entries = grad._nnz()
+                if state["bound"] + entries > state["index"].numel():
+                    short.append((state, entries, _local(param).numel()))
+        if short:
+            used = to_host(torch.stack([(s["index"] < n).sum() for s, _, n in short]))
+            for (state, entries, numel), count in zip(short, used):
+                _grow(state, count, entries, numel)
+
     @staticmethod
     def _lazy_update(p, grad, state, lr, beta1, beta2, eps, wd, bias1, bias2) -> None:
-        flat_idx, g = _flat_gradient(p, grad)
+        flat_idx, g = _flat_gradient(p, grad)  # (e,): entries may repeat (an uncoalesced sparse gradient)
         if flat_idx.numel() == 0:
             return
-        pos = _moment_positions(state, flat_idx)
+        pos = _store_positions(state, flat_idx, p.numel())
+        # a repeated entry's gradient is the sum of its parts; every occurrence then computes the same
+        # new values, so the writes below agree whichever lands last
+        g = torch.zeros_like(state["exp_avg"]).index_add_(0, pos, g)[pos]
         m = state["exp_avg"][pos].lerp_(g, 1 - beta1)
         v = state["exp_avg_sq"][pos].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        state["exp_avg"][pos], state["exp_avg_sq"][pos] = m, v
+        state["exp_avg"].index_put_((pos,), m)
+        state["exp_avg_sq"].index_put_((pos,), v)
         p_flat = p.view(-1)
         w = p_flat[flat_idx].mul_(1 - lr * wd)
         w.addcdiv_(m, (v.sqrt() / math.sqrt(bias2)).add_(eps), value=-lr / bias1)
-        p_flat[flat_idx] = w
+        p_flat.index_put_((flat_idx,), w)
+
+    def lazy_entries(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(flat indices, exp_avg, exp_avg_sq) of the entries a lazy group holds moments for (reads the device)."""
+        state = self.state[param]
+        used = state["index"] < _local(param).numel()
+        return state["index"][used], state["exp_avg"][used], state["exp_avg_sq"][used]
 
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts floating-point state to the parameter's dtype: keep the lazy moments' index integral
@@ -103,7 +132,12 @@ class SparseAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for k, index in indices.items():
-            self.state[params[k]]["index"] = index.to(params[k].device, torch.long)
+            state = self.state[params[k]]
+            state["index"] = index.to(params[k].device, torch.long)
+            state.setdefault("bound", index.numel())
+        for state in self.state.values():  # saved by a version that kept the count on the device
+            if torch.is_tensor(state.get("step")):
+                state["step"] = int(state["step"])
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -111,60 +145,104 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def _sparse_flat(grad: torch.Tensor) -> torch.Tensor:
+    """(nnz,) flat indices of a sparse COO tensor's stored entries, coalesced or not."""
+    idx = grad._indices()
+    flat = torch.zeros(idx.shape[1], dtype=torch.long, device=idx.device)
+    for dim, size in enumerate(grad.shape):
+        flat = flat * size + idx[dim]
+    return flat
+
+
 def _flat_gradient(p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(flat indices, values) of a gradient's non-zero entries, dense or sparse COO."""
+    """(flat indices, values) of a gradient's entries: a sparse COO gradient's as they are (uncoalesced
+    ones may repeat an index: coalescing would read the device back), a dense one's non-zero entries."""
     if grad.is_sparse:
-        grad = grad.coalesce()
-        idx = grad.indices()
-        flat_idx = torch.zeros(idx.shape[1], dtype=torch.long, device=idx.device)
-        for dim, size in enumerate(p.shape):
-            flat_idx = flat_idx * size + idx[dim]
-        return flat_idx, grad.values().reshape(-1)
-    flat_idx = grad.reshape(-1).nonzero().squeeze(1)
+        return _sparse_flat(grad), grad._values().reshape(-1)
+    flat_idx = grad.reshape(-1).nonzero().squeeze(1)  # a dense gradient in a lazy group: its support is read back
     return flat_idx, grad.reshape(-1)[flat_idx]
 
 
-def _moment_positions(state: dict, flat_idx: torch.Tensor) -> torch.Tensor:
-    """Positions of `flat_idx` in the lazy moments, adding zero moments for entries seen the first time."""
+# The lazy moments live in a store of fixed capacity: `index` (C,) holds the flat indices of the entries
+# with moments, sorted, then `numel` (the sentinel) in the unused slots; exp_avg / exp_avg_sq (C,) beside
+# it. New entries are merged in by a sort of static shape. `bound` (a host-side int) bounds the slots in
+# use; only when it could pass the capacity is the true count read back and the store grown (doubled):
+# an amortised read-back, not one per step.
+
+def _empty_store(p: torch.Tensor) -> dict:
+    return {"index": torch.zeros(0, dtype=torch.long, device=p.device), "exp_avg": p.new_zeros(0),
+            "exp_avg_sq": p.new_zeros(0), "bound": 0}
+
+
+def _grow(state: dict, used: int, needed: int, numel: int) -> None:
+    """`used` slots hold entries (read back): make room for `needed` more, doubling the capacity when short."""
     index = state["index"]
-    pos = torch.searchsorted(index, flat_idx)
-    known = pos < index.numel()
-    known[known.clone()] = index[pos[known]] == flat_idx[known]
-    if not bool(known.all()):
-        index, order = torch.cat((index, flat_idx[~known])).sort()
-        for key in ("exp_avg", "exp_avg_sq"):
-            grown = torch.cat((state[key], state[key].new_zeros(int((~known).sum()))))
-            state[key] = grown[order]
-        state["index"] = index
-        pos = torch.searchsorted(index, flat_idx)
-    return pos
+    state["bound"] = used
+    if used + needed <= index.numel():
+        return
+    capacity = max(2 * (used + needed), 16)
+    extra = capacity - index.numel()
+    state["index"] = torch.cat((index, index.new_full((extra,), numel)))
+    for key in ("exp_avg", "exp_avg_sq"):
+        state[key] = torch.cat((state[key], state[key].new_zeros(extra)))
+
+
+def _store_positions(state: dict, flat_idx: torch.Tensor, numel: int) -> torch.Tensor:
+    """Positions of `flat_idx` in the lazy store, adding zero moments for entries seen the first time."""
+    if state["bound"] + flat_idx.numel() > state["index"].numel():  # a new store, or a dense gradient's
+        used = int((state["index"] < numel).sum()) if state["index"].numel() else 0
+        _grow(state, used, flat_idx.numel(), numel)
+    index = state["index"]
+    capacity = index.numel()
+    pos = torch.searchsorted(index, flat_idx).clamp_(max=capacity - 1)
+    new = torch.where(index[pos] == flat_idx, numel, flat_idx).sort().values  # (e,) new entries, then sentinels
+    new[1:].masked_fill_(new[1:] == new[:-1], numel)  # an entry repeated in the gradient is added once
+    merged, order = torch.cat((index, new)).sort(stable=True)
+    keep = order[:capacity]  # the sentinels sort last, and the bound guarantees the entries fit
+    state["index"] = merged[:capacity]
+    for key in ("exp_avg", "exp_avg_sq"):
+        state[key] = torch.cat((state[key], state[key].new_zeros(new.numel())))[keep]
+    state["bound"] += flat_idx.numel()
+    return torch.searchsorted(state["index"], flat_idx)
 
 
 @torch.no_grad()
 def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_ (2-norm) for gradients that may be sparse (the `dynamic`
-    mode's top-k); returns the total norm before clipping."""
+    mode's top-k); returns the total norm before clipping. Reads nothing back from the device."""
     params = [p for p in parameters if p.grad is not None]
     if not params:
         return torch.tensor(0.0)
-    for p in params:
-        if p.grad.is_sparse:
-            p.grad = p.grad.coalesce()  # scaled through its values below
     grads = [_local(p.grad) for p in params]
-    entries = [g.values() if g.is_sparse else g for g in grads]
-    norms = [torch.linalg.vector_norm(e, dtype=torch.promote_types(e.dtype, torch.float32)) for e in entries]
-    squares = torch.stack([n.to(norms[0].device) for n in norms]) ** 2
-    sharded = torch.tensor([isinstance(p.grad, DTensor) for p in params], device=squares.device)
-    total_sq = squares[~sharded].sum()
-    if bool(sharded.any()):  # sharded gradients: the squares of every rank's shards, summed over the ranks
-        shard_sq = squares[sharded].sum()
+    squares = [_squared_norm(g) for g in grads]
+    device = squares[0].device
+    sharded = [sq for p, sq in zip(params, squares) if isinstance(p.grad, DTensor)]  # decided on the host
+    total_sq = sum((sq.to(device) for p, sq in zip(params, squares) if not isinstance(p.grad, DTensor)),
+                   torch.zeros((), device=device))
+    if sharded:  # sharded gradients: the squares of every rank's shards, summed over the ranks
+        shard_sq = torch.stack([sq.to(device) for sq in sharded]).sum()
         dist.all_reduce(shard_sq, group=next(p.grad for p in params if isinstance(p.grad, DTensor)).device_mesh.get_group())
         total_sq = total_sq + shard_sq
     total = total_sq.sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
-        (g.values() if g.is_sparse else g).mul_(scale.to(g.device, g.dtype))
+        (g._values() if g.is_sparse else g).mul_(scale.to(g.device, g.dtype))
     return total
+
+
+def _squared_norm(grad: torch.Tensor) -> torch.Tensor:
+    """|grad|^2 in at least float32. An uncoalesced sparse gradient (summed over backward passes) may hold
+    an entry more than once: its parts are summed first, by a sort of static shape (coalesce() would
+    read the device back)."""
+    dtype = torch.promote_types(grad.dtype, torch.float32)
+    if not grad.is_sparse:
+        return torch.linalg.vector_norm(grad, dtype=dtype).square()
+    values = grad._values().to(dtype)
+    if not grad.is_coalesced() and grad._nnz() > 1:
+        flat, order = _sparse_flat(grad).sort()
+        group = torch.cat((flat.new_zeros(1), (flat[1:] != flat[:-1]).long().cumsum(0)))  # (nnz,) entry number
+        values = torch.zeros_like(values).index_add_(0, group, values[order])
+    return values.square().sum()
 
 
 def _no_decay(name: str, p: torch.Tensor) -> bool:
@@ -204,9 +282,4 @@ def optimizer(model: nn.Module, lr: float, weight_decay: float = 0.0, **adam_kwa
         for name, ps in groups.items()
         if ps
     ]
-    opt = SparseAdamW(param_groups, lr=lr, weight_decay=weight_decay, **adam_kwargs)
-    if any(layer.sharded for layer in layers):  # FSDP2: each step's change of S is folded into the shards at once
-        from .sharding import fold
-
-        opt.register_step_post_hook(lambda *_: fold(model))
-    return opt
+    return SparseAdamW(param_groups, lr=lr, weight_decay=weight_decay, **adam_kwargs)

@@ -5,13 +5,13 @@
     opt = sparsegrad.optimizer(model, lr=1e-4)       # after sharding: it holds this rank's shards
     loss.backward()
     sparsegrad.sparsify_gradients(model)             # dynamic / meprop: the global top-k
-    opt.step(); opt.zero_grad()                      # the step's change of S is folded by the optimizer
+    opt.step(); opt.zero_grad()                      # the step's change of S is folded right after (folding.py)
 
 Every process holds 1/N of each weight (rows of W, d_out), frozen or not, and 1/N of S's trained
 tensor (fixed: the (k,) values; dynamic: rows of the dense (d_in, d_out) S), of its gradient (FSDP
 reduce-scatters it) and of its optimizer state. What keeps the method exact:
 
-- the fold: after the optimizer step (`fold`, which `sparsegrad.optimizer` runs) every rank takes
+- the fold: after the optimizer step (folding.py: any optimizer, on every rank alike) every rank takes
   the step's change dS of the whole layer -- the k values (fixed) or the changed entries (dynamic),
   gathered from the ranks that own them -- and adds its own rows of the update,
   W[lo:hi] += (U^T dS V[:, lo:hi])^T: no rank forms rows of W that it does not own;
@@ -123,14 +123,6 @@ def _sharded_names(module, state_dict, prefix, *args) -> None:
 
 def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-@torch.no_grad()
-def fold(model: nn.Module) -> None:
-    """Fold the last optimizer step's change of S into each rank's own rows of the weights.
-    Collective: every rank calls it (sparsegrad.optimizer does, after each step)."""
-    for layer in sparse_layers(model).values():
-        layer.sync()
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -79,13 +79,25 @@ def check_k(k: int, d_in: int, d_out: int) -> int:
     return k
 
 
-def topk_dense(full: torch.Tensor, k: int) -> torch.Tensor:
-    """`full` with all but its k largest-magnitude entries set to zero (exactly k kept)."""
-    flat = full.reshape(-1)
-    idx = torch.topk(flat.abs(), k, sorted=False).indices
-    out = torch.zeros_like(flat)
-    out[idx] = flat[idx]
-    return out.view_as(full)
+def sparse_entries(flat: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """A sparse COO tensor of `shape` holding `values` at the sorted, distinct flat indices `flat`;
+    marked coalesced, so that nothing downstream sorts it again (or reads the device back to do so)."""
+    index = torch.stack((flat // shape[1], flat % shape[1]))
+    return torch.sparse_coo_tensor(index, values, shape, check_invariants=False, is_coalesced=True)
+
+
+def topk_entries(full: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest-magnitude entries of the 2-d `full` as a sparse COO tensor (exactly k kept)."""
+    flat = torch.topk(full.reshape(-1).abs(), k, sorted=False).indices.sort().values
+    return sparse_entries(flat, full.reshape(-1)[flat], full.shape)
+
+
+def skips_zero_rows(dy: torch.Tensor) -> bool:
+    """Skip the all-zero rows of dy (Sec. 3.3) where it pays: on the CPU, where finding them reads
+    nothing back and every skipped row saves its FLOPs. On a GPU a zero row costs next to nothing
+    in a matmul, while counting the rows would stall the host until the device's queue drains;
+    and a compiled graph keeps static shapes."""
+    return dy.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _nonzero_rows(dy: torch.Tensor) -> tuple[torch.Tensor | None, int]:
@@ -116,9 +128,11 @@ class _SparseLinearFn(torch.autograd.Function):
         layer: SparseLinear = ctx.layer
         d_in, d_out = layer.in_features, layer.out_features
         x2, dy2 = x.reshape(-1, d_in), dy.reshape(-1, d_out)
-        rows, n_nonzero = _nonzero_rows(dy2)
-        layer.row_counts[0] += n_nonzero
-        layer.row_counts[1] += dy2.shape[0]
+        rows = None
+        if layer.skip_zero_rows and skips_zero_rows(dy2):
+            rows, n_nonzero = _nonzero_rows(dy2)
+            layer.row_counts[0] += n_nonzero
+            layer.row_counts[1] += dy2.shape[0]
         if rows is not None:  # Sec. 3.3: only rows of dy with a non-zero take part
             x2, dy_r = x2.index_select(0, rows), dy2.index_select(0, rows)
         else:
@@ -173,7 +187,10 @@ class SparseLinear(nn.Module):
             # among this layer's parameters or state. Not registered as a submodule.
             self.__dict__["_owner"] = owner
         self.original_type = "Linear"
-        # [non-zero rows of dy, rows of dy] seen by backward since the last `model.take_row_share` (Fig. 3)
+        # skip the all-zero rows of dy where that pays (see skips_zero_rows); False: never
+        self.skip_zero_rows = True
+        # [non-zero rows of dy, rows of dy] seen by backward since the last `model.take_row_share` (Fig. 3),
+        # counted where rows are skipped (their count is then known on the host for free)
         self.row_counts = [0, 0]
         # top-k layers: keep the top-k at every backward (the paper), or leave the full gradient
         # for `sparsify_grad` to cut once it is complete (summed over micro-batches, reduced over ranks)
@@ -263,15 +280,13 @@ class SparseLinear(nn.Module):
         if grad is not None and self.sharded:
             keep_global_topk(grad, self.k)
         elif grad is not None:
-            grad.copy_(topk_dense(grad, self.k))
+            self.trainable.grad = topk_entries(grad.to_dense() if grad.is_sparse else grad, self.k)
 
     # ------------------------------------------------------------------ compute
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dimension {self.in_features}, got {tuple(x.shape)}")
-        if not self.sharded:
-            self.sync()
-        else:  # the optimizer's step folded already, and `weight` is FSDP's gathered copy
+        if self.sharded:  # the optimizer's step folded already, and `weight` is FSDP's gathered copy
             self.check_folded()
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))

@@ -96,9 +96,7 @@ class SupportPlan:
                 rot = a_r @ g  # (r, m) @ (m, n)
             del g
         with record_function("sparsegrad.sample_support"):
-            pattern = self._csr(torch.zeros(self.cols.numel(), dtype=rot.dtype, device=rot.device))
-            # sampled (r, n) @ (n, n) at the entries: rot[i] . b[j]  (zeros: beta * 0)
-            out = _sampled_addmm(pattern, rot, b.t()).values()
+            out = sampled_product(self.crow, self.cols, rot, b)  # (k,): rot[i] . b[j] at the entries
         if self.order is None:
             return out
         result = torch.empty_like(out)
@@ -121,7 +119,46 @@ def _rotate_activations(t: int, r: int, m: int, n: int) -> bool:
     return t * r * (m + n) <= t * m * n + r * m * n
 
 
-def _sampled_addmm(pattern: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+# One opaque operator for torch.compile: the sparse CSR pattern is built and used inside it, so a
+# compiled backward holds no sparse tensor (which the compiler cannot trace) and no warning filter.
+@torch.library.custom_op("sparsegrad::sampled_product", mutates_args=())
+def sampled_product(crow: torch.Tensor, cols: torch.Tensor, rot: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(k,) products rot[i] . b[j] at the entries (i, j) of a CSR pattern (crow over rot's r rows, cols)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        return torch.sparse.sampled_addmm(pattern, mat1, mat2, beta=0.0)
+        pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(cols.numel(), dtype=rot.dtype, device=rot.device),
+                                          (rot.shape[0], b.shape[0]), check_invariants=False)
+        # sampled (r, n) @ (n, n) at the entries (beta * 0: the pattern's zeros do not count)
+        return torch.sparse.sampled_addmm(pattern, rot, b.t(), beta=0.0).values().clone()
+
+
+@sampled_product.register_fake
+def _(crow, cols, rot, b):
+    return rot.new_empty(cols.shape[0])
+
+
+def fold_entries(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor, U: torch.Tensor,
+                 V: torch.Tensor) -> None:
+    """weight (d_out, d_in) += (U^T S V)^T, S (d_in, d_out) holding `values` at the flat indices `flat`
+    (an entry may repeat: its values sum). Every shape is static (no count of distinct rows is read
+    back): S becomes a CSR over all rows of its smaller side, and the fold costs
+    min(d_in, d_out) * d_in * d_out -- the dynamic mode's, whose rows change at every step."""
+    d_in, d_out = U.shape[0], V.shape[0]
+    rows, cols = flat // d_out, flat % d_out
+    transposed = d_out < d_in  # rotate the smaller side: S^T U, then V^T (S^T U)
+    if transposed:
+        rows, cols, m, n, near, far = cols, rows, d_out, d_in, U, V
+    else:
+        m, n, near, far = d_in, d_out, V, U
+    rows, order = rows.sort()
+    crow = torch.searchsorted(rows, torch.arange(m + 1, device=rows.device)).to(torch.int32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        S = torch.sparse_csr_tensor(crow, cols[order].to(torch.int32), values[order].to(near.dtype), (m, n),
+                                    check_invariants=False)
+    P = (S @ near).to(weight.dtype)  # (m, n): S V, or S^T U when transposed
+    far = far.to(weight.dtype)
+    if transposed:
+        weight.addmm_(far.t(), P)  # (d_out, d_out) @ (d_out, d_in)
+    else:
+        weight.addmm_(P.t(), far)  # (d_out, d_in) @ (d_in, d_in)

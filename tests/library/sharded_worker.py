@@ -30,7 +30,7 @@ def converted_model():
 model = converted_model()
 if world > 1:
     sparsegrad.shard(model)
-if len(sys.argv) > 4:  # an optimizer that does not fold: the next forward must refuse to run
+if len(sys.argv) > 4:  # torch's own optimizer: S is folded after its steps all the same (folding.py)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 else:
     opt = sparsegrad.optimizer(model, lr=1e-2)

@@ -110,7 +110,8 @@ def test_no_float32_copy_of_the_weight(tiny_llama_dir, mode):
             assert [t is layer.delta for t in full_fp32] == [True]
             assert layer.delta.grad.is_sparse
         assert layer.weight.dtype == torch.bfloat16
-        assert layer.w0_index.numel() < 0.01 * layer.weight.numel()  # pretrained values kept apart: a few
+        # pretrained values kept apart: those whose sum crossed a power of two (here ~1%: a tiny layer, a large step)
+        assert layer.w0_index.numel() < 0.03 * layer.weight.numel()
     roles = {sparsegrad.targets.role_of(n) for n in layers}
     assert len(shared) == 2 * len(roles)  # U and V of each role, held once, float32
     assert all(m.U.dtype == torch.float32 for m in layers.values())
@@ -131,13 +132,13 @@ def test_saved_right_after_a_step_is_current(tiny_llama_dir, tmp_path, mode):
     bases = sparsegrad.compute_bases(model, [batch], n_steps=1, progress=False)
     model.requires_grad_(False)
     sparsegrad.apply(model, bases, density=0.1, mode=mode)
+    pretrained = {n: m.weight.detach().clone() for n, m in sparsegrad.sparse_layers(model).items()}
     opt = sparsegrad.optimizer(model, lr=1e-2)
     for _ in range(2):
         _step(model, batch, opt)
     name, layer = next(iter(sparsegrad.sparse_layers(model).items()))
-    stale = layer.weight.detach().clone()
     saved = model.state_dict()[f"{name}.weight"].clone()
-    assert not torch.equal(saved, stale)  # the fold ran for the save
+    assert not torch.equal(saved, pretrained[name])  # the steps' changes were folded before the save
     model.save_pretrained(tmp_path)
     model.eval()
     with torch.no_grad():
@@ -151,15 +152,13 @@ def test_saved_right_after_a_step_is_current(tiny_llama_dir, tmp_path, mode):
 @pytest.mark.parametrize("mode", ["fixed", "dynamic"])
 def test_gradient_checkpointing_gives_the_same_run(tiny_llama_dir, monkeypatch, mode):
     """Recomputed forwards neither fold twice nor see a half-updated weight: same losses, same S."""
-    from sparsegrad.support import SupportPlan
-
     batches = [{"input_ids": torch.randint(5, 1000, (2, 24)), "labels": torch.randint(5, 1000, (2, 24))}
                for _ in range(4)]
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float64)
     bases = sparsegrad.compute_bases(base, batches[:2], n_steps=2, progress=False)
     folds = []
-    real_fold = SupportPlan.fold
-    monkeypatch.setattr(SupportPlan, "fold", lambda self, *a: (folds.append(1), real_fold(self, *a))[1])
+    real_fold = SparseGradLinear.fold_step
+    monkeypatch.setattr(SparseGradLinear, "fold_step", lambda self: (folds.append(1), real_fold(self))[1])
 
     runs = {}
     for checkpointing in (False, True):
@@ -179,8 +178,8 @@ def test_gradient_checkpointing_gives_the_same_run(tiny_llama_dir, monkeypatch, 
             opt.step()
             opt.zero_grad()
         n_layers = len(sparsegrad.sparse_layers(model))
-        # one fold per layer per step, at the next forward (the last step's is still pending)
-        assert len(folds) == n_layers * (len(batches) - 1), (checkpointing, len(folds))
+        # one fold per layer per step, right after it: none in the recomputed forwards
+        assert len(folds) == n_layers * len(batches), (checkpointing, len(folds))
         runs[checkpointing] = (losses, {n: m.trainable.detach().clone() for n, m in sparsegrad.sparse_layers(model).items()})
     assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-12)
     for name, value in runs[False][1].items():

@@ -24,11 +24,12 @@ def test_matches_torch_adamw_on_a_full_support(lazy):
         ref.step()
         ours.step()
         torch.testing.assert_close(p, p_ref, rtol=1e-12, atol=1e-12)
-    expected = ref.state[p_ref]["exp_avg_sq"]
+    expected, moments = ref.state[p_ref]["exp_avg_sq"], ours.state[p]["exp_avg_sq"]
     if lazy:  # moments of the entries that had a gradient, by sorted flat index: here all of them
-        assert torch.equal(ours.state[p]["index"], torch.arange(30))
+        index, _, moments = ours.lazy_entries(p)
+        assert torch.equal(index, torch.arange(30))
         expected = expected.reshape(-1)
-    torch.testing.assert_close(ours.state[p]["exp_avg_sq"], expected)
+    torch.testing.assert_close(moments, expected)
 
 
 def test_lazy_update_touches_only_the_gradient_support():
@@ -40,7 +41,8 @@ def test_lazy_update_touches_only_the_gradient_support():
     opt.step()
     changed = (p != 1).nonzero().tolist()
     assert changed == [[1, 2], [3, 0]]  # weight decay and moments lazily, too
-    assert opt.state[p]["index"].tolist() == [6, 12] and opt.state[p]["exp_avg"].numel() == 2
+    index, exp_avg, _ = opt.lazy_entries(p)
+    assert index.tolist() == [6, 12] and exp_avg.numel() == 2
     # sparse COO gradients take the same path
     q = nn.Parameter(torch.ones(4, 4))
     opt_q = SparseAdamW([q], lr=0.1, weight_decay=0.5, lazy=True)
@@ -57,8 +59,8 @@ def test_lazy_moments_grow_with_the_entries_trained():
         for (i, j), g in zip(entries, (0.5, 1.0)):
             p.grad[i, j] = g
         opt.step()
-    assert opt.state[p]["index"].tolist() == [1, 6, 12]
-    m = opt.state[p]["exp_avg"]
+    index, m, _ = opt.lazy_entries(p)
+    assert index.tolist() == [1, 6, 12]
     assert m.tolist() == pytest.approx([0.1 * 0.5, 0.1 * 0.5, 0.9 * 0.1 * 1.0 + 0.1 * 1.0])  # entry 6 untouched: lazy
 
 
@@ -171,3 +173,23 @@ def test_one_step_updates_exactly_k_entries(mode):
     layer(torch.randn(8, d_in)).square().sum().backward()
     opt.step()
     assert int((layer.trainable != before).sum()) == k
+
+
+def test_lazy_store_takes_repeated_and_growing_sparse_gradients():
+    """Sparse gradients summed over backward passes repeat entries (their parts sum); a store that fills
+    grows, and every step equals SparseAdamW on the coalesced gradient."""
+    torch.manual_seed(0)
+    p, p_ref = nn.Parameter(torch.randn(30, 20)), None
+    p_ref = nn.Parameter(p.detach().clone())
+    ours, ref = SparseAdamW([p], lr=0.1, weight_decay=0.1, lazy=True), SparseAdamW([p_ref], lr=0.1, weight_decay=0.1, lazy=True)
+    for step in range(12):
+        flat = torch.randint(0, 600, (40 + 10 * step,))  # repeats within, and more new entries each step
+        grad = torch.sparse_coo_tensor(torch.stack((flat // 20, flat % 20)), torch.randn(flat.numel()), (30, 20))
+        p.grad, p_ref.grad = grad, grad.coalesce()
+        ours.step()
+        ref.step()
+        torch.testing.assert_close(p, p_ref, rtol=1e-6, atol=1e-7)
+    index, exp_avg, _ = ours.lazy_entries(p)
+    ref_index, ref_avg, _ = ref.lazy_entries(p_ref)
+    assert torch.equal(index, ref_index) and torch.equal(index, index.unique())
+    torch.testing.assert_close(exp_avg, ref_avg)

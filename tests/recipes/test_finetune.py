@@ -172,3 +172,22 @@ def test_support_refresh_in_the_recipe(minilm_path, tmp_path):
     assert not (torch.equal(layer.rows, support[0]) and torch.equal(layer.cols, support[1]))
     result = recipe.finish()
     assert result.status == "finished" and result.final["validation"]["accuracy"] > 0
+
+
+def test_compiled_steps_equal_eager_ones(tiny_llama_dir, chat_file, tmp_path, monkeypatch):
+    """--compile: the training steps run through torch.compile (here its aot_eager backend: the graph
+    capture and AOTAutograd, without code generation) and give the eager run's losses and values."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    runs = []
+    for compiled in (False, True):
+        recipe = _ready(_chat_cfg(tiny_llama_dir, chat_file, compile=compiled), tmp_path / str(compiled))
+        assert (recipe.model is not recipe.raw) == compiled
+        losses = [recipe.train_step() for _ in range(3)]
+        runs.append((losses, [p.detach().clone() for p in recipe.raw.parameters() if p.requires_grad]))
+    (eager, eager_values), (losses, values) = runs
+    assert losses == pytest.approx(eager, rel=1e-6)
+    for a, b in zip(values, eager_values):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -83,6 +83,8 @@ class RunConfig:
                         "its updates into them exactly; see README 'Precision')",
                         choices=("float32", "bfloat16", "float16"))
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, the same run")
+    compile: bool = option(False, "torch.compile the training forward and backward (one graph with fixed "
+                                  "SparseGrad, LoRA or full FT; the top-k methods' backward stays eager)")
     cpu: bool = option(False, "train on the CPU even where CUDA is available")
     fsdp: bool = option(False, "shard the model over the processes (torchrun / accelerate launch) with FSDP2: each "
                                "block's weights, gradients and optimizer state are split N ways (default: DDP, a "
@@ -106,8 +108,9 @@ class RunConfig:
         return dataclasses.replace(self, lr=default_lr(task.kind, self.rest, self.method, self.mode))
 
     def identity(self) -> dict:
-        """The fields that must match for a folder to hold 'the same run'."""
-        return asdict(self)
+        """The fields that must match for a folder to hold 'the same run' (compiling changes how it runs, not
+        what it computes: a run may be resumed with or without it)."""
+        return {k: v for k, v in asdict(self).items() if k != "compile"}
 
     def changed(self) -> dict:
         """The fields that differ from the defaults: what a table says a run was given."""

@@ -242,10 +242,12 @@ class FineTuneRecipe:
         self.raw = self.model  # the model itself; `self.model` may become its DDP wrapper
         if self.fsdp:  # sharded in place: the model stays itself
             shard(self.model)
-            return
-        with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; accelerate has no new name yet
-            warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-            self.model = self.accelerator.prepare_model(self.model)
+        else:
+            with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; accelerate has no new name yet
+                warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                self.model = self.accelerator.prepare_model(self.model)
+        if cfg.compile:  # the training steps run compiled; evaluation and saving use the model itself
+            self.model = torch.compile(self.model)
 
     def setup_optimizer(self) -> None:
         from transformers import get_linear_schedule_with_warmup
