@@ -119,6 +119,15 @@ class SparseAdamW(torch.optim.Optimizer):
         w.addcdiv_(m, (v.sqrt() / math.sqrt(bias2)).add_(eps), value=-lr / bias1)
         p_flat.index_put_((flat_idx,), w)
 
+    def reserve(self, param: torch.Tensor, entries: int) -> None:
+        """Make room in `param`'s lazy store for `entries` more entries (reads its count back once): the
+        steps that fill it then read nothing back at all."""
+        state = self.state[param]
+        if not state:
+            state.update(_empty_store(_local(param)), step=0)
+        numel = _local(param).numel()
+        _grow(state, to_host((state["index"] < numel).sum().reshape(1))[0], entries, numel)
+
     def lazy_entries(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(flat indices, exp_avg, exp_avg_sq) of the entries a lazy group holds moments for (reads the device)."""
         state = self.state[param]

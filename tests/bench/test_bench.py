@@ -440,3 +440,42 @@ def test_recipes_default_lrs_are_the_committed_benches_choices():
         assert DEFAULT_LR[("causal_lm", "none", row["method"])] == row["lr"], row["method"]
         checked += 1
     assert checked >= 10
+
+
+def test_fold_7b_counts_r_and_flops():
+    """The fold's arithmetic from r: the fixed support's r is its own; the dynamic fold takes the smaller side."""
+    from sparsegrad.bench import layer as layer_bench
+
+    row = layer_bench.measure_fold_7b({"layer": "up_proj", "d_in": 32, "d_out": 86, "entries": "1%", "k": 28,
+                                       "device": "cpu"})
+    assert 1 <= row["fixed_r"] <= 28 and row["dynamic_r"] == 32
+    r = row["fixed_r"]  # the CSR product costs k x (its columns), then r x d_in x d_out in either orientation
+    assert row["fixed_flops"] in (2 * (28 * 86 + r * 32 * 86), 2 * (28 * 32 + r * 32 * 86))
+    assert row["dynamic_flops"] == 2 * (28 * 86 + 32 * 32 * 86)
+    assert row["forward_512_flops"] == 2 * 512 * 32 * 86 and row["dynamic_s"] > 0
+    assert "| up_proj (32->86) | 1% (28) | dynamic, now | 32 |" in layer_bench.fold_7b_table([row])
+
+
+def test_gpu_bench_runs_every_setting_and_keeps_to_its_budget(tmp_path, capsys):
+    """`bench gpu` end to end on tiny shapes on the CPU: every method in every setting, ratios from the same
+    run, read-backs counted, a compiled row, the JSON and the results page; a spent budget runs nothing."""
+    out, page = tmp_path / "results", tmp_path / "results.md"
+    argv = ["bench", "gpu", "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--no-tests",
+            "--output-dir", str(out / "gpu")]
+    assert main([*argv, "--settings", "table3", "llama7b", "--compile", "off"]) == 0
+    result = json.loads((out / "gpu" / "gpu-cpu-tiny.json").read_text())
+    assert {(r["setting"], r["method"]) for r in result["rows"]} == {
+        (s, m) for s in ("table3", "llama7b") for m in ("ft", "lora", "sparsegrad-fixed", "sparsegrad-dynamic", "meprop")}
+    for r in result["rows"]:
+        assert r["steps_per_s"] > 0 and r["read_backs"]["per_step"] >= 0 and len(r["times"]) == 2
+        if r["method"] == "lora":
+            assert r["speed_vs_lora"] == 1.0
+    assert main([*argv, "--settings", "minilm", "--methods", "lora", "sparsegrad-fixed", "--compile", "on"]) == 0
+    compiled = json.loads((out / "gpu" / "gpu-cpu-tiny.json").read_text())["rows"]
+    assert [r["compile"] for r in compiled] == [True, True] and compiled[1]["read_backs"] is None
+    assert main([*argv, "--budget-s", "0"]) == 0
+    spent = json.loads((out / "gpu" / "gpu-cpu-tiny.json").read_text())
+    assert spent["rows"] == [] and len(spent["not_run"]) == 30
+    assert "Not run within the 0 s budget" in capsys.readouterr().out
+    assert main(["bench", "report", "--results", str(out), "--output", str(page)]) == 0
+    assert "## The GPU check" in page.read_text()

@@ -77,3 +77,42 @@ def test_bfloat16_training_step_on_cuda_is_exact(tiny_llama_dir, mode):
         ref = (originals[name].double() + (layer.U.double().t() @ S @ layer.V.double()).t()).bfloat16()
         diff = (state[f"{name}.weight"].float() - ref.float()).abs()
         assert bool((diff <= ref.float().abs() * 2**-7).all())  # within one bfloat16 ulp of float64
+
+
+@pytest.mark.parametrize("mode", ["fixed", "dynamic", "meprop"])
+def test_a_training_step_never_waits_for_the_device(mode):
+    """A steady-state step (forward, backward, clipping, optimizer step and its fold, zero_grad) under
+    torch.cuda.set_sync_debug_mode("error"): any read-back raises. The top-k modes' lazy optimizer
+    state grows now and then (one read-back, amortised): their steps run once the store has room."""
+    from sparsegrad.readbacks import ReadBackCounter
+
+    torch.manual_seed(0)
+    d_in, d_out = 64, 96
+    layer = SparseGradLinear.from_linear(nn.Linear(d_in, d_out), k=200, mode=mode, U=orthogonal(d_in, 1),
+                                         V=orthogonal(d_out, 2), energy=torch.rand(d_in, d_out))
+    layer.skip_zero_rows = False  # as a GPU runs it (on the CPU the rows are found without waiting)
+    model = nn.Sequential(nn.Linear(16, d_in), nn.GELU(), layer).to(DEVICE)
+    opt = sparsegrad.optimizer(model, lr=1e-3)
+    x = torch.randn(8, 12, 16, device=DEVICE)
+
+    def step():
+        model(x).square().mean().backward()
+        sparsegrad.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(8 if mode == "fixed" else 1):
+        step()
+    if mode != "fixed":  # room for several more steps' entries: no growth below
+        opt.reserve(layer.trainable, 10 * layer.k)
+    with ReadBackCounter() as counter:
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(3):
+                step()
+        finally:
+            if DEVICE == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+    assert counter.total == 0, dict(counter.counts)

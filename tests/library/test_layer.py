@@ -1,11 +1,10 @@
 """SparseGradLinear against nn.Linear and autograd, in float64."""
 import pytest
 import torch
-
-import sparsegrad
 import torch.nn.functional as F
 from torch import nn
 
+import sparsegrad
 import sparsegrad.support as support_mod
 from sparsegrad import SparseGradLinear
 from sparsegrad.support import topk_support

@@ -1,5 +1,6 @@
 """Benchmarks behind `sparsegrad bench ...`: each module has add_arguments(parser) and main(args).
 
+    gpu     the prepared GPU check: CUDA tests, then steps/s, peak and read-backs per method (eager, compiled)
     layer   one MLP linear per method: the kernels alone
     speed   whole models per method: steps/s, peak memory, training-state bytes (Tables 3, 7, 8)
     llm     LLaMA-2-7B shapes in bfloat16: peak memory and state per method, projected to 32 blocks
@@ -16,9 +17,9 @@ from __future__ import annotations
 
 import argparse
 
-from . import adapter, bases, chat, glue, layer, llm, report, sharded, speed
+from . import adapter, bases, chat, glue, gpu, layer, llm, report, sharded, speed
 
-BENCHES = {"layer": layer, "speed": speed, "llm": llm, "sharded": sharded, "bases": bases, "glue": glue,
+BENCHES = {"gpu": gpu, "layer": layer, "speed": speed, "llm": llm, "sharded": sharded, "bases": bases, "glue": glue,
            "chat": chat, "adapter": adapter, "report": report}
 
 

@@ -2,6 +2,7 @@
 
     sparsegrad bench layer [--tokens 2048] [--density 0.01] [--output-dir bench-results/layer]
     sparsegrad bench layer --fold        # the fold's cost: float32 in place against bfloat16 rebuilt
+    sparsegrad bench layer --fold-7b     # the fold's FLOPs and time at LLaMA-2-7B MLP shapes, beside a forward
 
 Methods at equal trainable entries k = density * d_in * d_out: nn.Linear full
 fine-tuning (torch AdamW), LoRA (peft, rank k / (d_in + d_out)), MeProp, and
@@ -18,10 +19,19 @@ The fixed mode's support comes from a synthetic energy whose rows and columns
 decay like a spectrum (as real energies do, docs/method.md); the table reports how
 many distinct rows / columns it touches, which sets the extra rotation cost.
 
-`--fold` times the fold alone (`sync` after an optimizer step), per SparseGrad mode, with a float32
+`--fold` times the fold alone (the one that follows each optimizer step), per SparseGrad mode, with a float32
 weight (the step's change added in place) and a bfloat16 one (rebuilt: W_0 given back by the weight,
 the new sum rounded once; docs/method.md), beside the float32 training step (forward, backward,
 optimizer step) it follows, and the share of W_0 entries kept apart after the steps.
+
+`--fold-7b` counts the fold's arithmetic at LLaMA-2-7B's up_proj (4096->11008) and down_proj
+(11008->4096), at 1% and at 100,000 entries, and times it once on the device, beside the layer's
+forward at 512 and 4,096 tokens. The fold is W += U^T dS V with dS on k entries: a CSR product
+over the r distinct indices of the support's cheaper side, then a dense (r x m) @ (m x n), about
+2 (k n + r d_in d_out) FLOPs. The fixed support knows its r once and for all; the dynamic mode's
+entries change every step, and its fold takes every row of the smaller side (r = min(d_in, d_out)) so
+that no count is read back ("before": the distinct rows counted on the host, as it was done before).
+The supports come from a synthetic spectral energy (bench layer's), so r is indicative.
 """
 from __future__ import annotations
 
@@ -55,6 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--fold", action="store_true", help="time the fold in float32 and bfloat16 instead")
+    p.add_argument("--fold-7b", action="store_true", help="the fold's FLOPs and time at LLaMA-2-7B MLP shapes")
     p.add_argument("--output-dir", default="bench-results/layer")
 
 def _orthogonal(n: int, device) -> torch.Tensor:
@@ -202,18 +213,27 @@ def measure_fold(spec: dict) -> dict:
     x = torch.randn(spec["tokens"], d_in, device=dev).to(dtype)
     dy = torch.randn(spec["tokens"], d_out, device=dev).to(dtype)
     steps, folds = [], []
+    fold_step = layer.fold_step
+
+    def timed_fold():  # the fold the optimizer step's hook runs, timed apart from the step
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fold_step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        folds.append(time.perf_counter() - start)
+
+    layer.fold_step = timed_fold
     for i in range(spec["iters"] + 1):
         start = time.perf_counter()
         layer(x).backward(dy)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        middle = time.perf_counter()
-        layer.sync()
         if dev.type == "cuda":
             torch.cuda.synchronize()
-        if i:  # the first step warms up
-            steps.append(middle - start)
-            folds.append(time.perf_counter() - middle)
+        steps.append(time.perf_counter() - start - folds[-1])
+    steps, folds = steps[1:], folds[1:]  # the first step warms up
     kept = layer.w0_index.numel() / layer.weight.numel() if layer.w0_index is not None else None
     return {"mode": mode, "dtype": spec["dtype"], "d_in": d_in, "d_out": d_out, "k": k,
             "fold_s": statistics.median(folds), "step_s": statistics.median(steps), "w0_kept_share": kept}
@@ -244,7 +264,85 @@ def fold_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+LLAMA_MLP = (("up_proj", 4096, 11008), ("down_proj", 11008, 4096))
+
+
+def _timed(fn, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure_fold_7b(spec: dict) -> dict:
+    """In a fresh process: one 7B-shape layer at one k; the fold's r, FLOPs and seconds per mode."""
+    from sparsegrad.support import SupportPlan, fold_entries, topk_support
+
+    torch.manual_seed(0)
+    dev = torch.device(spec["device"])
+    d_in, d_out, k = spec["d_in"], spec["d_out"], spec["k"]
+    U, V = _orthogonal(d_in, dev), _orthogonal(d_out, dev)
+    weight = torch.zeros(d_out, d_in, device=dev)
+    values = torch.randn(k, device=dev)
+    row = {**spec}
+    fixed = topk_support(_spectral_energy(d_in, d_out, dev), k)  # from the preliminary phase's energy
+    step = topk_support(_spectral_energy(d_in, d_out, dev), k)  # a dynamic step's top-k of |U G V^T|
+    for name, (rows, cols) in (("fixed", fixed), ("dynamic_before", step)):
+        plan = SupportPlan.build(rows, cols, d_in, d_out)
+        r, (m, n) = plan.uniq_rows.numel(), ((d_out, d_in) if plan.transposed else (d_in, d_out))
+        a, b = plan.sides(U, V)
+        plan.fold(weight, values, a, b)  # warm-up
+        row[f"{name}_r"], row[f"{name}_flops"] = r, 2 * (k * n + r * m * n)
+        row[f"{name}_s"] = _timed(lambda plan=plan, a=a, b=b: plan.fold(weight, values, a, b), dev)
+    flat = step[0] * d_out + step[1]
+    fold_entries(weight, flat, values, U, V)
+    side = min(d_in, d_out)
+    row["dynamic_r"] = side
+    row["dynamic_flops"] = 2 * (k * max(d_in, d_out) + side * d_in * d_out)
+    row["dynamic_s"] = _timed(lambda: fold_entries(weight, flat, values, U, V), dev)
+    for t in (512, 4096):
+        row[f"forward_{t}_flops"] = 2 * t * d_in * d_out
+    x = torch.randn(512, d_in, device=dev)
+    torch.nn.functional.linear(x, weight)
+    row["forward_512_s"] = _timed(lambda: torch.nn.functional.linear(x, weight), dev)
+    return row
+
+
+def run_fold_7b(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for name, d_in, d_out in LLAMA_MLP:
+        for label, k in (("1%", round(0.01 * d_in * d_out)), ("100k", 100_000)):
+            spec = {"layer": name, "d_in": d_in, "d_out": d_out, "entries": label, "k": k, "device": args.device}
+            rows.append(run_in_process("sparsegrad.bench.layer:measure_fold_7b", spec))
+            print(f"  {name} {label}: fixed r={rows[-1]['fixed_r']}, dynamic before r={rows[-1]['dynamic_before_r']}",
+                  file=sys.stderr, flush=True)
+    return rows
+
+
+def fold_7b_table(rows: list[dict]) -> str:
+    lines = ["| layer | entries | mode | r | fold GFLOP | x forward at 512 | x forward at 4096 | fold s | x forward s at 512 |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        for mode, label in (("fixed", "fixed"), ("dynamic_before", "dynamic, before"), ("dynamic", "dynamic, now")):
+            flops = r[f"{mode}_flops"]
+            lines.append(f"| {r['layer']} ({r['d_in']}->{r['d_out']}) | {r['entries']} ({r['k']:,}) | {label} "
+                         f"| {r[f'{mode}_r']:,} | {flops / 1e9:,.1f} | {flops / r['forward_512_flops']:.2f} "
+                         f"| {flops / r['forward_4096_flops']:.2f} | {r[f'{mode}_s']:.2f} "
+                         f"| {r[f'{mode}_s'] / r['forward_512_s']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.fold_7b:
+        rows = run_fold_7b(args)
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "fold-7b.json", {"meta": machine(args.device), "rows": rows})
+        print(fold_7b_table(rows))
+        return 0
     if args.fold:
         rows = run_fold(args)
         meta = machine(args.device) | {"tokens": args.tokens, "density": args.density, "iters": args.iters}

@@ -3,8 +3,8 @@
     sparsegrad bench report --results docs/results --output docs/results.md
     sparsegrad bench report --results docs/results --glue-runs docs/results/glue --compaction
 
-Reads from --results: speed-*.json (bench speed), fold.json (bench layer --fold), llm-*.json
-(bench llm), sharded-*.json (bench sharded), bases.json (bench bases), glue/glue.json (bench glue), chat/chat.json (bench chat),
+Reads from --results: speed-*.json (bench speed), gpu/gpu-*.json (bench gpu), fold.json and fold-7b.json
+(bench layer --fold, --fold-7b), llm-*.json (bench llm), sharded-*.json (bench sharded), bases.json (bench bases), glue/glue.json (bench glue), chat/chat.json (bench chat),
 adapter.json (bench adapter), compaction.json and row_share.json (written here). --glue-runs extracts the
 per-step share of non-zero output-gradient rows of the SparseGrad runs (Fig. 3) into
 row_share.json; --compaction computes Fig. 2's data (one real MiniLM layer's gradient in the
@@ -311,16 +311,42 @@ def _sharded_section(results: Path) -> list[str]:
     return lines
 
 
-def _fold_section(fold: dict | None) -> list[str]:
-    if not fold:
-        return []
+def _fold_section(fold: dict | None, fold_7b: dict | None) -> list[str]:
     from . import layer as layer_bench
 
-    m = fold["meta"]
-    return ["## The fold: float32 in place, bfloat16 rebuilt", "",
-            doc_paragraph(layer_bench, 4)
-            + f" One MLP linear of BERT-base, {m['tokens']} tokens, density {m['density']:g}, median of {m['iters']} steps.",
-            "", layer_bench.fold_table(fold["rows"]), ""]
+    lines = []
+    if fold:
+        m = fold["meta"]
+        lines += ["## The fold: float32 in place, bfloat16 rebuilt", "",
+                  doc_paragraph(layer_bench, 4) + f" One MLP linear of BERT-base, {m['tokens']} tokens, density "
+                  f"{m['density']:g}, median of {m['iters']} steps.", "", layer_bench.fold_table(fold["rows"]), ""]
+    if fold_7b:
+        m = fold_7b["meta"]
+        lines += ["## The fold at LLaMA-2-7B shapes", "", doc_paragraph(layer_bench, 5)
+                  + f" Times: one fold on {m['device']} ({m.get('threads', '?')} threads).", "",
+                  layer_bench.fold_7b_table(fold_7b["rows"]), ""]
+    return lines
+
+
+def _gpu_section(results: Path) -> list[str]:
+    from . import gpu as gpu_bench
+
+    lines = ["## The GPU check (`sparsegrad bench gpu`)", "",
+             ("The command to run first on a GPU: the CUDA tests (a training step among them under "
+              "`torch.cuda.set_sync_debug_mode(\"error\")`), then steps/s, peak memory and host read-backs per step "
+              "of each method alone on the device, eager and compiled, in the paper's Table 3 setting (RoBERTa-base "
+              "shapes, batch 32, sequence 128, padded), MiniLM at batch 16, and 4 LLaMA-2-7B-shape blocks in "
+              "bfloat16 with the paper's targets; ratios to LoRA and full FT from the same run."), ""]
+    found = [p for p in sorted((results / "gpu").glob("gpu-*.json")) if not p.stem.endswith("-tiny")]
+    for path in found:
+        result = _load(path)
+        m = result["meta"]
+        lines += [(f"### `{path.name}`: {m['device']}, torch {m.get('torch', '?')}, {m['steps']} steps after "
+                   f"{m['warmup']} (median), {m['seconds'] / 60:.1f} min"), "", gpu_bench.markdown(result), ""]
+    if not found:
+        lines += [("No GPU has run it yet: these rows appear here once `sparsegrad bench gpu` has written "
+                   "`gpu/gpu-cuda.json`."), ""]
+    return lines
 
 
 def build(results: Path, output: Path) -> str:
@@ -335,7 +361,8 @@ def build(results: Path, output: Path) -> str:
     lines += _machine_section(speeds)
     lines += _targets_section(speeds, _load(results / "bases.json"))
     lines += _speed_section(speeds, results, link)
-    lines += _fold_section(_load(results / "fold.json"))
+    lines += _gpu_section(results)
+    lines += _fold_section(_load(results / "fold.json"), _load(results / "fold-7b.json"))
     lines += _llm_section(results)
     lines += _sharded_section(results)
     lines += _bases_section(_load(results / "bases.json"))

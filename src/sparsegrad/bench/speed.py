@@ -138,7 +138,7 @@ def training_state(model, opt) -> dict[str, int]:
     grads = tensor_bytes(p.grad for p in model.parameters())
     opt_state = tensor_bytes(t for s in opt.state.values() for t in s.values())
     mlp_params = {id(m.trainable) for m in layers} | {id(p) for n, p in model.named_parameters() if "lora_" in n}
-    opt_mlp = tensor_bytes(t for p, s in opt.state.items() if id(p) in mlp_params for t in s.values() if t.ndim)
+    opt_mlp = tensor_bytes(t for p, s in opt.state.items() if id(p) in mlp_params for t in s.values() if torch.is_tensor(t) and t.ndim)
     return {"grad_bytes": grads, "optimizer_bytes": opt_state, "optimizer_mlp_bytes": opt_mlp,
             "added_bytes": tensor_bytes(added), "state_bytes": grads + opt_state + tensor_bytes(added),
             "bases_bytes": tensor_bytes(bases.values())}
