@@ -264,8 +264,8 @@ class SparseGradLinear(SparseLinear):
                 change.plan.fold(self.weight.to_local(), change.diff.to(a.dtype), a, b)
 
     def check_folded(self) -> None:
-        """Sharded: refuse to run forward on a weight that lacks the last change of S, which an optimizer
-        step other than sparsegrad.optimizer's (which folds after it) leaves behind."""
+        """Sharded: refuse to run forward on a weight that lacks the last change of S (written in place
+        outside an optimizer step: every step is folded right after it, folding.py)."""
         if not self._folded():
             raise RuntimeError("S changed since it was last folded into the sharded weight: after writing S "
                                "outside an optimizer step, call sparsegrad.fold(model) on every rank")

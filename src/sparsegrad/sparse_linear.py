@@ -6,8 +6,9 @@ gradient is ``dy @ W`` -- exactly those of ``nn.Linear`` with the same weight (t
 Table 2). What trains is the subclass's business: `trainable` is the tensor the optimizer updates
 and `_trainable_grad` computes its gradient from the layer's input x and output gradient dy.
 
-Backward skips the all-zero rows of dy (sparse-by-dense multiplication, the paper's Sec. 3.3):
-only the rows holding a non-zero take part in the input and weight gradients.
+On the CPU, backward skips the all-zero rows of dy (sparse-by-dense multiplication, the paper's
+Sec. 3.3): only the rows holding a non-zero take part in the input and weight gradients. On a GPU
+it does not (see skips_zero_rows): nothing in a step reads the device back.
 """
 from __future__ import annotations
 
