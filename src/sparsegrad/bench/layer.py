@@ -68,6 +68,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fold-7b", action="store_true", help="the fold's FLOPs and time at LLaMA-2-7B MLP shapes")
     p.add_argument("--output-dir", default="bench-results/layer")
 
+def _timed(fn, device) -> float:
+    """Seconds `fn` takes, the device's queue drained before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def _orthogonal(n: int, device) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(n, n, device=device))[0]
 
@@ -140,14 +151,9 @@ def measure(spec: dict) -> dict:
 
     times = []
     for i in range(iters + 2):  # two warm-up steps
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        seconds = _timed(step, dev)
         if i >= 2:
-            times.append(time.perf_counter() - start)
+            times.append(seconds)
     y = module(x)  # state of a step in flight, for the exact count
     y.backward(dy)
     state, bases = _state_bytes(module, opt)
@@ -216,13 +222,7 @@ def measure_fold(spec: dict) -> dict:
     fold_step = layer.fold_step
 
     def timed_fold():  # the fold the optimizer step's hook runs, timed apart from the step
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fold_step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        folds.append(time.perf_counter() - start)
+        folds.append(_timed(fold_step, dev))
 
     layer.fold_step = timed_fold
     for i in range(spec["iters"] + 1):
@@ -265,16 +265,6 @@ def fold_table(rows: list[dict]) -> str:
 
 
 LLAMA_MLP = (("up_proj", 4096, 11008), ("down_proj", 11008, 4096))
-
-
-def _timed(fn, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def measure_fold_7b(spec: dict) -> dict:
