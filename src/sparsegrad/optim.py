@@ -175,7 +175,7 @@ def _flat_gradient(p: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, t
 # The lazy moments live in a store of fixed capacity: `index` (C,) holds the flat indices of the entries
 # with moments, sorted, then `numel` (the sentinel) in the unused slots; exp_avg / exp_avg_sq (C,) beside
 # it. New entries are merged in by a sort of static shape. `bound` (a host-side int) bounds the slots in
-# use; only when it could pass the capacity is the true count read back and the store grown (doubled):
+# use; only when it could pass the capacity is the true count read back and the store grown (_grow):
 # an amortised read-back, not one per step.
 
 def _empty_store(p: torch.Tensor) -> dict:
@@ -184,12 +184,14 @@ def _empty_store(p: torch.Tensor) -> dict:
 
 
 def _grow(state: dict, used: int, needed: int, numel: int) -> None:
-    """`used` slots hold entries (read back): make room for `needed` more, doubling the capacity when short."""
+    """`used` slots hold entries (read back): make room for `needed` more. A store that grows takes room
+    for four more steps' entries and a quarter more of those in use: the next read-back is several steps
+    away, and the unused room stays a fraction of the state."""
     index = state["index"]
     state["bound"] = used
     if used + needed <= index.numel():
         return
-    capacity = max(2 * (used + needed), 16)
+    capacity = max(used + 4 * needed + used // 4, 16)
     extra = capacity - index.numel()
     state["index"] = torch.cat((index, index.new_full((extra,), numel)))
     for key in ("exp_avg", "exp_avg_sq"):
