@@ -36,6 +36,8 @@ def register(layer: nn.Module) -> None:
 
 
 def _after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    if not _LAYERS:  # every SparseGrad layer is gone: nothing to fold
+        return
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for _, layer in sorted(_LAYERS.items()):
         trained = layer.trainable

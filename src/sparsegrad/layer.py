@@ -37,7 +37,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.autograd.profiler import record_function
-from torch.distributed.tensor import DTensor
 
 from . import folding
 from .collectives import all_gather_cat, keep_global_topk, shard_rows
@@ -262,16 +261,6 @@ class SparseGradLinear(SparseLinear):
             else:
                 a, b = change.plan.sides(self.U, self.V[:, lo:hi])
                 change.plan.fold(self.weight.to_local(), change.diff.to(a.dtype), a, b)
-
-    def check_folded(self) -> None:
-        """Sharded: refuse to run forward on a weight that lacks the last change of S (written in place
-        outside an optimizer step: every step is folded right after it, folding.py)."""
-        if not self._folded():
-            raise RuntimeError("S changed since it was last folded into the sharded weight: after writing S "
-                               "outside an optimizer step, call sparsegrad.fold(model) on every rank")
-
-    def _folded(self) -> bool:
-        raise NotImplementedError
 
     def _sharded_change(self) -> _Change | None:
         """The change of the whole S since the last fold, the same on every rank (collective), or None."""
@@ -535,13 +524,6 @@ class FixedSparseGradLinear(SparseGradLinear):
     def _sharded_plans(self, change):
         return (change.plan, change.before), (change.plan, change.before + change.diff)
 
-    def _folded(self) -> bool:
-        values = self.sharded_trainable.values  # between a forward and its backward FSDP may hold it gathered
-        if not isinstance(values, DTensor):
-            return True
-        lo, hi = shard_rows(values)
-        return torch.equal(values.detach().to_local(), self._merged[lo:hi])
-
     def _trained_plan(self):
         return self._support_plan(), self.values.detach()
 
@@ -670,9 +652,6 @@ class DynamicSparseGradLinear(SparseGradLinear):
         if flat.numel() == 0:
             return None
         return _Change(self._plan(flat), diff, before, flat)
-
-    def _folded(self) -> bool:
-        return not self._pending  # the top-k handed out entries that no fold has taken yet
 
     def _sharded_plans(self, change):
         rows, cols, values = self.trained_entries()  # every rank's non-zero entries of S, gathered

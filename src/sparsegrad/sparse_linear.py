@@ -270,9 +270,6 @@ class SparseLinear(nn.Module):
     def sync(self) -> None:
         """Fold trained values that changed since the last fold into `weight` (nothing to fold here)."""
 
-    def check_folded(self) -> None:
-        """Sharded: raise if `weight` lacks trained values' last change (nothing to fold here)."""
-
     @torch.no_grad()
     def sparsify_grad(self) -> None:
         """With topk_in_backward=False: keep the top-k entries of the complete gradient (after
@@ -287,8 +284,6 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dimension {self.in_features}, got {tuple(x.shape)}")
-        if self.sharded:  # the optimizer's step folded already, and `weight` is FSDP's gathered copy
-            self.check_folded()
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         with torch.autocast(x.device.type, enabled=False):

@@ -270,3 +270,27 @@ def test_deferred_topk_is_taken_of_the_summed_gradient(mode):
         F.linear(part, W_eff2, lin.bias).pow(2).sum().backward()
         per_part += topk_reference(S2.grad if mode == "dynamic" else W2.grad, K)
     assert (per_part != 0).sum() > K and not torch.allclose(per_part, topk_reference(full, K))
+
+
+@pytest.mark.parametrize("optimizer", ["torch-sgd", "sparsegrad"])
+def test_every_optimizer_step_is_folded_once_right_after_it(optimizer):
+    """The fold follows each optimizer step, whatever the optimizer (a torch step hook), for a copied layer
+    too; a step that did not move S (no gradient) folds nothing; a forward folds nothing."""
+    import copy
+
+    layer, lin = make_layer("fixed")
+    twin = copy.deepcopy(layer)  # built without __init__: registered for the hook all the same
+    x = torch.randn(5, D_IN, dtype=f64)
+    for module in (layer, twin):
+        params = [module.values]
+        opt = torch.optim.SGD(params, lr=0.1) if optimizer == "torch-sgd" else sparsegrad.optimizer(module, lr=0.1)
+        before = module.weight.detach().clone()
+        opt.step()  # no gradient yet: nothing moved, nothing folded
+        assert torch.equal(module.weight, before)
+        module(x).square().sum().backward()
+        opt.step()
+        _, _, W_eff = effective_reference(module, lin)
+        torch.testing.assert_close(module.weight.detach(), W_eff, rtol=0, atol=1e-12)  # folded before any forward
+        folded = module.weight.detach().clone()
+        module(x), module(x)
+        assert torch.equal(module.weight, folded)
