@@ -468,6 +468,7 @@ def test_gpu_bench_runs_every_setting_and_keeps_to_its_budget(tmp_path, capsys):
         (s, m) for s in ("table3", "llama7b") for m in ("ft", "lora", "sparsegrad-fixed", "sparsegrad-dynamic", "meprop")}
     for r in result["rows"]:
         assert r["steps_per_s"] > 0 and r["read_backs"]["per_step"] >= 0 and len(r["times"]) == 2
+        assert "operators by time" in (out / "gpu" / "profiles" / f"{r['setting']}-{r['method']}.txt").read_text()
         if r["method"] == "lora":
             assert r["speed_vs_lora"] == 1.0
     assert main([*argv, "--settings", "minilm", "--methods", "lora", "sparsegrad-fixed", "--compile", "on"]) == 0

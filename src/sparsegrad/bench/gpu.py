@@ -13,8 +13,8 @@ In order, until `--budget-s` is spent (rows left over are listed as not run, nev
        `minilm`: the embedded MiniLM, batch 16, otherwise the same,
        `llama7b`: LLaMA-2-7B shapes, 4 blocks, bfloat16 weights, the paper's targets (up and down
                  projections of every third block) with 100,000 entries per layer, sequence 512;
-     the median steps/s of `--steps` steps after `--warmup`, the allocator's peak, and the host
-     read-backs per step (counted by operator, eager rows only);
+     the median steps/s of `--steps` steps after `--warmup`, the allocator's peak, the host
+     read-backs per step (counted by operator) and a torch.profiler table of one step (eager rows);
   3. the same rows under torch.compile (the compiled rows come after every eager row: the budget
      cuts those first).
 Every figure beside its ratio to LoRA's and full FT's in the same setting and the same run.
@@ -138,6 +138,10 @@ def measure(spec: dict) -> dict:
             for _ in range(counted):
                 step()
         read_backs = {"per_step": counter.total / counted, "ops": dict(counter.counts)}
+        if spec.get("profile"):
+            from .speed import write_profile
+
+            write_profile(step, device, spec["profile"])
     median = statistics.median(times)
     return {**{k: spec[k] for k in ("setting", "model", "method", "compile", "batch_size", "seq", "fill")},
             "device": str(device), "step_s": median, "steps_per_s": 1 / median, "times": times,
@@ -175,7 +179,9 @@ def _specs(args: argparse.Namespace, bases: dict[str, str]) -> list[dict]:
                               "batch_size": 2 if args.tiny else shape["batch_size"],
                               "seq": 16 if args.tiny else shape["seq"], "fill": shape["fill"],
                               "steps": args.steps, "warmup": args.warmup, "device": args.device,
-                              "bases": bases.get(model)})
+                              "bases": bases.get(model),
+                              "profile": None if compiled else str(Path(args.output_dir) / "profiles"
+                                                                   / f"{setting}-{method}.txt")})
     return specs
 
 

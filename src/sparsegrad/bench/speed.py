@@ -175,18 +175,7 @@ def measure(spec: dict) -> dict:
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - start)
     if spec.get("profile"):
-        from torch.profiler import ProfilerActivity, profile
-
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=acts) as prof:
-            step()
-        sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        events = prof.key_averages()
-        scopes = [e for e in events if e.key.startswith("sparsegrad.")]
-        lines = [f"{e.key:40s} {e.cpu_time_total / 1e3:10.1f} ms total  {e.count:5d} calls" for e in
-                 sorted(scopes, key=lambda e: -e.cpu_time_total)]
-        Path(spec["profile"]).write_text("one training step, ops by self time:\n" + events.table(sort_by=sort, row_limit=30)
-                                         + "\n\nSparseGrad's own scopes (inclusive time):\n" + "\n".join(lines) + "\n")
+        write_profile(step, device, spec["profile"])
     peak, peak_kind = peak_memory(device)
     plans = [(m._support_plan(), m) for m in sparse_layers(model).values() if isinstance(m, FixedSparseGradLinear)]
     # the fixed mode's extra work scales with the distinct indices on the side it rotates
@@ -198,6 +187,25 @@ def measure(spec: dict) -> dict:
             "trainable_mlp": info.trainable_mlp, "sparse_budget": info.sparse_budget,
             "lora_rank": info.lora_rank, "support_rotated_share": sum(rotated) / len(rotated) if rotated else None,
             **state}
+
+
+def write_profile(step, device: torch.device, path: str) -> None:
+    """One step under torch.profiler: the operators by time on the device (or the CPU), and SparseGrad's scopes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+    sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    scopes = sorted((e for e in events if e.key.startswith("sparsegrad.")), key=lambda e: -e.cpu_time_total)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("one training step, operators by time:\n" + events.table(sort_by=sort, row_limit=30)
+                          + "\n\nSparseGrad's own scopes (inclusive CPU time):\n"
+                          + "\n".join(f"{e.key:40s} {e.cpu_time_total / 1e3:10.2f} ms  {e.count:5d} calls" for e in scopes)
+                          + "\n")
 
 
 # ---------------------------------------------------------------- the benchmark
