@@ -8,7 +8,7 @@ in the transformed space:
 
 The layer keeps W_eff merged in `weight` (frozen), so its forward pass and input gradient are
 nn.Linear's (see sparse_linear.py). After each optimizer step that changes S the change is folded
-into `weight` (fold.py; `state_dict()`, merging and `set_trained` fold what is pending too):
+into `weight` (folding.py; `state_dict()`, merging and `set_trained` fold what is pending too):
   - float32 / float64 weights take the step's change, W += U^T dS V, in place;
   - bfloat16 / float16 weights are rebuilt, W = round(W_0 + U^T S V) with the sum evaluated in
     float32 and rounded once. Adding each step's change to a bfloat16 weight instead would round
@@ -230,7 +230,7 @@ class SparseGradLinear(SparseLinear):
     @torch.no_grad()
     def sync(self, check: bool = True) -> None:
         """Fold trained values that changed since the last fold into `weight` (none while unfolded).
-        check=False (after an optimizer step, see fold.py): fold without reading the device first."""
+        check=False (after an optimizer step, see folding.py): fold without reading the device first."""
         if self.unfolded:
             return
         if self.sharded:
@@ -245,7 +245,7 @@ class SparseGradLinear(SparseLinear):
                 self._fold_change(change)
 
     def fold_step(self) -> None:
-        """After an optimizer step that updated S (fold.py calls it): fold the step's change."""
+        """After an optimizer step that updated S (folding.py calls it): fold the step's change."""
         self.sync(check=False)
 
     def _sync_sharded(self) -> None:

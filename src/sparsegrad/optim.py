@@ -97,7 +97,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 if state["bound"] + entries > state["index"].numel():
                     short.append((state, entries, _local(param).numel()))
         if short:
-            used = to_host(torch.stack([(s["index"] < n).sum() for s, _, n in short]))
+            used = to_host(torch.stack([_in_use(s, n).sum() for s, _, n in short]))
             for (state, entries, numel), count in zip(short, used):
                 _grow(state, count, entries, numel)
 
@@ -126,12 +126,12 @@ class SparseAdamW(torch.optim.Optimizer):
         if not state:
             state.update(_empty_store(_local(param)), step=0)
         numel = _local(param).numel()
-        _grow(state, to_host((state["index"] < numel).sum().reshape(1))[0], entries, numel)
+        _grow(state, to_host(_in_use(state, numel).sum()), entries, numel)
 
     def lazy_entries(self, param: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(flat indices, exp_avg, exp_avg_sq) of the entries a lazy group holds moments for (reads the device)."""
         state = self.state[param]
-        used = state["index"] < _local(param).numel()
+        used = _in_use(state, _local(param).numel())
         return state["index"][used], state["exp_avg"][used], state["exp_avg_sq"][used]
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -183,6 +183,11 @@ def _empty_store(p: torch.Tensor) -> dict:
             "exp_avg_sq": p.new_zeros(0), "bound": 0}
 
 
+def _in_use(state: dict, numel: int) -> torch.Tensor:
+    """(C,) bool: the store's slots that hold an entry (the others hold the sentinel `numel`)."""
+    return state["index"] < numel
+
+
 def _grow(state: dict, used: int, needed: int, numel: int) -> None:
     """`used` slots hold entries (read back): make room for `needed` more. A store that grows takes room
     for four more steps' entries and a quarter more of those in use: the next read-back is several steps
@@ -201,7 +206,7 @@ def _grow(state: dict, used: int, needed: int, numel: int) -> None:
 def _store_positions(state: dict, flat_idx: torch.Tensor, numel: int) -> torch.Tensor:
     """Positions of `flat_idx` in the lazy store, adding zero moments for entries seen the first time."""
     if state["bound"] + flat_idx.numel() > state["index"].numel():  # a new store, or a dense gradient's
-        used = int((state["index"] < numel).sum()) if state["index"].numel() else 0
+        used = to_host(_in_use(state, numel).sum()) if state["index"].numel() else 0
         _grow(state, used, flat_idx.numel(), numel)
     index = state["index"]
     capacity = index.numel()

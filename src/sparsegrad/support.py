@@ -71,11 +71,7 @@ class SupportPlan:
         return (second, first) if self.transposed else (first, second)
 
     def _csr(self, values: torch.Tensor) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-            return torch.sparse_csr_tensor(
-                self.crow, self.cols, values, (self.uniq_rows.numel(), self.n), check_invariants=False
-            )
+        return csr(self.crow, self.cols, values, (self.uniq_rows.numel(), self.n))
 
     def gather(self, left: torch.Tensor, right: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """(a @ left^T right @ b^T) at the support, in caller order.
@@ -114,6 +110,13 @@ class SupportPlan:
             weight.addmm_(p.t().to(weight.dtype), a_r)
 
 
+def csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """A sparse CSR matrix of `shape` from its row pointer, column indices and values (unchecked: built right)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
+        return torch.sparse_csr_tensor(crow, cols, values, shape, check_invariants=False)
+
+
 def _rotate_activations(t: int, r: int, m: int, n: int) -> bool:
     """Is (left a_r^T)^T right cheaper than forming G = left^T right and rotating r of its rows?"""
     return t * r * (m + n) <= t * m * n + r * m * n
@@ -124,10 +127,9 @@ def _rotate_activations(t: int, r: int, m: int, n: int) -> bool:
 @torch.library.custom_op("sparsegrad::sampled_product", mutates_args=())
 def sampled_product(crow: torch.Tensor, cols: torch.Tensor, rot: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """(k,) products rot[i] . b[j] at the entries (i, j) of a CSR pattern (crow over rot's r rows, cols)."""
+    pattern = csr(crow, cols, torch.zeros(cols.numel(), dtype=rot.dtype, device=rot.device), (rot.shape[0], b.shape[0]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        pattern = torch.sparse_csr_tensor(crow, cols, torch.zeros(cols.numel(), dtype=rot.dtype, device=rot.device),
-                                          (rot.shape[0], b.shape[0]), check_invariants=False)
         # sampled (r, n) @ (n, n) at the entries (beta * 0: the pattern's zeros do not count)
         return torch.sparse.sampled_addmm(pattern, rot, b.t(), beta=0.0).values().clone()
 
@@ -152,10 +154,7 @@ def fold_entries(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor,
         m, n, near, far = d_in, d_out, V, U
     rows, order = rows.sort()
     crow = torch.searchsorted(rows, torch.arange(m + 1, device=rows.device)).to(torch.int32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "sparse CSR support is in beta"
-        S = torch.sparse_csr_tensor(crow, cols[order].to(torch.int32), values[order].to(near.dtype), (m, n),
-                                    check_invariants=False)
+    S = csr(crow, cols[order].to(torch.int32), values[order].to(near.dtype), (m, n))
     P = (S @ near).to(weight.dtype)  # (m, n): S V, or S^T U when transposed
     far = far.to(weight.dtype)
     if transposed:

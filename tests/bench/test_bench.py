@@ -453,7 +453,7 @@ def test_fold_7b_counts_r_and_flops():
     assert row["fixed_flops"] in (2 * (28 * 86 + r * 32 * 86), 2 * (28 * 32 + r * 32 * 86))
     assert row["dynamic_flops"] == 2 * (28 * 86 + 32 * 32 * 86)
     assert row["forward_512_flops"] == 2 * 512 * 32 * 86 and row["dynamic_s"] > 0
-    assert "| up_proj (32->86) | 1% (28) | dynamic, now | 32 |" in layer_bench.fold_7b_table([row])
+    assert "| up_proj (32->86) | 1% (28) | dynamic, static | 32 |" in layer_bench.fold_7b_table([row])
 
 
 def test_gpu_bench_runs_every_setting_and_keeps_to_its_budget(tmp_path, capsys):

@@ -1,7 +1,7 @@
 """The GPU check: the one prepared command to run first whenever a GPU is at hand (about 8 minutes).
 
     sparsegrad bench gpu                                  # on a CUDA device; JSON into docs/results/gpu
-    sparsegrad bench gpu --tiny --device cpu --output-dir /tmp/g   # the same, tiny shapes (a smoke test)
+    sparsegrad bench gpu --tiny --device cpu --output-dir bench-results/gpu-tiny   # the same, tiny shapes (a smoke test)
 
 In order, until `--budget-s` is spent (rows left over are listed as not run, never guessed):
   1. the CUDA tests (`tests/library/test_cuda.py`, among them a training step under

@@ -30,7 +30,8 @@ forward at 512 and 4,096 tokens. The fold is W += U^T dS V with dS on k entries:
 over the r distinct indices of the support's cheaper side, then a dense (r x m) @ (m x n), about
 2 (k n + r d_in d_out) FLOPs. The fixed support knows its r once and for all; the dynamic mode's
 entries change every step, and its fold takes every row of the smaller side (r = min(d_in, d_out)) so
-that no count is read back ("before": the distinct rows counted on the host, as it was done before).
+that no count is read back ("r counted": the fold over only the distinct rows the step touched, whose
+count the host would have to read back each step).
 The supports come from a synthetic spectral energy (bench layer's), so r is indicative.
 """
 from __future__ import annotations
@@ -280,7 +281,7 @@ def measure_fold_7b(spec: dict) -> dict:
     row = {**spec}
     fixed = topk_support(_spectral_energy(d_in, d_out, dev), k)  # from the preliminary phase's energy
     step = topk_support(_spectral_energy(d_in, d_out, dev), k)  # a dynamic step's top-k of |U G V^T|
-    for name, (rows, cols) in (("fixed", fixed), ("dynamic_before", step)):
+    for name, (rows, cols) in (("fixed", fixed), ("dynamic_counted", step)):
         plan = SupportPlan.build(rows, cols, d_in, d_out)
         r, (m, n) = plan.uniq_rows.numel(), ((d_out, d_in) if plan.transposed else (d_in, d_out))
         a, b = plan.sides(U, V)
@@ -307,7 +308,7 @@ def run_fold_7b(args: argparse.Namespace) -> list[dict]:
         for label, k in (("1%", round(0.01 * d_in * d_out)), ("100k", 100_000)):
             spec = {"layer": name, "d_in": d_in, "d_out": d_out, "entries": label, "k": k, "device": args.device}
             rows.append(run_in_process("sparsegrad.bench.layer:measure_fold_7b", spec))
-            print(f"  {name} {label}: fixed r={rows[-1]['fixed_r']}, dynamic before r={rows[-1]['dynamic_before_r']}",
+            print(f"  {name} {label}: fixed r={rows[-1]['fixed_r']}, dynamic r counted={rows[-1]['dynamic_counted_r']}",
                   file=sys.stderr, flush=True)
     return rows
 
@@ -316,7 +317,7 @@ def fold_7b_table(rows: list[dict]) -> str:
     lines = ["| layer | entries | mode | r | fold GFLOP | x forward at 512 | x forward at 4096 | fold s | x forward s at 512 |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        for mode, label in (("fixed", "fixed"), ("dynamic_before", "dynamic, before"), ("dynamic", "dynamic, now")):
+        for mode, label in (("fixed", "fixed"), ("dynamic_counted", "dynamic, r counted"), ("dynamic", "dynamic, static")):
             flops = r[f"{mode}_flops"]
             lines.append(f"| {r['layer']} ({r['d_in']}->{r['d_out']}) | {r['entries']} ({r['k']:,}) | {label} "
                          f"| {r[f'{mode}_r']:,} | {flops / 1e9:,.1f} | {flops / r['forward_512_flops']:.2f} "
