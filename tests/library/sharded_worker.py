@@ -2,6 +2,7 @@
 (or not, with one), trained 3 steps on a fixed global batch of 8; rank 0 saves the whole trained state
 and the weights an unsharded copy of the model folds the same trained S into.
     torchrun --nproc-per-node N sharded_worker.py MODE DTYPE OUT [torch-adamw]"""
+import gc
 import sys
 
 import torch
@@ -54,3 +55,8 @@ if rank == 0:  # the weights an unsharded layer folds the same S into, from the 
         layer.set_trained(state[f"{name}.{'values' if mode == 'fixed' else 'delta'}"])
         rebuilt[f"{name}.weight"] = layer.weight.detach().clone()
     torch.save({"state": state, "rebuilt": rebuilt}, out)
+# Free what holds the process group, then the group, before interpreter exit: left to exit, gloo's threads
+# can be torn down out of order and a rank aborts after its work is done.
+del model, opt
+gc.collect()
+dist.destroy_process_group()
