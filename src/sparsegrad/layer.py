@@ -7,19 +7,12 @@ in the transformed space:
     W_eff^T = W_0^T + U^T S V,        dL/dS = U G V^T        (both (d_in, d_out))
 
 The layer keeps W_eff merged in `weight` (frozen), so its forward pass and input gradient are
-nn.Linear's (see sparse_linear.py). After each optimizer step that changes S the change is folded
-into `weight` (folding.py; `state_dict()`, merging and `set_trained` fold what is pending too):
-  - float32 / float64 weights take the step's change, W += U^T dS V, in place;
-  - bfloat16 / float16 weights are rebuilt, W = round(W_0 + U^T S V) with the sum evaluated in
-    float32 and rounded once. Adding each step's change to a bfloat16 weight instead would round
-    once per step: small updates would vanish and the error would grow with the steps. W_0 is not
-    stored: it is given back by the weight itself, W_0 = round(W - U^T S_old V), which holds for
-    all but a few entries (where the last rounding crossed a power of two, or tied); each rebuild
-    checks every entry and keeps the pretrained value of those few (`w0_index`, `w0_value`).
-    S and the bases of such a layer are float32; no float32 or second copy of the weight is kept.
+nn.Linear's (see sparse_linear.py). The layer computes S's gradient and records what of S changed
+since the last fold (`take_change`); the fold itself, after each optimizer step, is folding.py's:
+in place for float32 / float64 weights, an exact rebuild for bfloat16 / float16 ones (whose S and
+bases are float32), each rank its own rows when sharded (sharding.py).
 
-Two selections of S's trained entries, two classes sharing the bases, the fold and the autograd
-function:
+Two selections of S's trained entries, two classes sharing the bases and the autograd function:
     FixedSparseGradLinear    S is non-zero on a support of k entries chosen once from the
                              preliminary phase's energy; the k values are a dense parameter
                              (``values``), optimizer state O(k); their gradient is computed
@@ -32,17 +25,16 @@ The MeProp baseline (top-k in the original space, no basis) is meprop.MePropLine
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.autograd.profiler import record_function
 
 from . import folding
 from .collectives import all_gather_cat, keep_global_topk, shard_rows
+from .folding import Change
 from .meprop import MePropLinear
 from .sparse_linear import LOW_PRECISION, SparseLinear, linear_weight, master_dtype, sparse_entries
-from .support import SupportPlan, fold_entries, topk_support
+from .support import SupportPlan, topk_support
 
 # id(source basis) -> (weakref to it, fn, converted basis) of the latest Module._apply
 # (model.to(...), .double(), ...): a basis shared by many layers is converted once, so
@@ -113,11 +105,12 @@ class SparseGradLinear(SparseLinear):
             # `.to` returns the tensor itself when it already fits, so a shared basis stays shared.
             self.register_buffer(name, basis.to(device=device, dtype=basis_dtype or basis.dtype).contiguous(),
                                  persistent=False)
-        # low precision: the entries whose pretrained value the weight cannot give back (see _rebuild)
+        # low precision: the entries whose pretrained value the weight cannot give back (folding.rebuild)
         low = self.weight.dtype in LOW_PRECISION
         self.register_buffer("w0_index", torch.zeros(0, dtype=self._index_dtype(), device=device) if low else None)
         self.register_buffer("w0_value", self.weight.new_zeros(0) if low else None)
         self.unfolded = False  # S taken out of the weight (see unfold)
+        self.fold_rule = folding.rule_for(self.weight.dtype)  # how S reaches the weight
         folding.register(self)  # folded after each optimizer step that updates S
 
     @classmethod
@@ -167,35 +160,19 @@ class SparseGradLinear(SparseLinear):
             self.w0_value = self.weight.new_zeros(0)
         elif not low:
             self.w0_index = self.w0_value = None  # float32 / float64 weights take each change in place
+        if not self.sharded:  # the sharded rule stays (sharding.py)
+            self.fold_rule = folding.rule_for(self.weight.dtype)
         return result
 
     def _index_dtype(self) -> torch.dtype:
         return torch.int32 if self.in_features * self.out_features < 2**31 else torch.long
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.sharded and self.w0_index is not None and prefix + "w0_index" in state_dict:
-            self._local_w0(state_dict, prefix)
         for name in ("w0_index", "w0_value"):  # as many entries as the saved layer had
             saved = state_dict.get(prefix + name)
             if saved is not None and getattr(self, name) is not None:
                 setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def whole_w0(self, state_dict: dict, prefix: str) -> None:
-        """Sharded: this rank's kept pretrained entries (w0, indices into its rows) -> the whole weight's,
-        gathered from every rank into `state_dict` (collective): state dicts are the same sharded or not."""
-        lo, _ = shard_rows(self.weight)
-        index, value = all_gather_cat([self.w0_index.long() + lo * self.in_features, self.w0_value],
-                                      self.weight.device_mesh.get_group())
-        state_dict[prefix + "w0_index"], state_dict[prefix + "w0_value"] = index.to(self.w0_index.dtype), value
-
-    def _local_w0(self, state_dict: dict, prefix: str) -> None:
-        """The whole weight's kept pretrained entries in `state_dict` -> this rank's rows' (in place)."""
-        lo, hi = shard_rows(self.weight)
-        index, value = state_dict[prefix + "w0_index"].long(), state_dict[prefix + "w0_value"]
-        mine = (index >= lo * self.in_features) & (index < hi * self.in_features)
-        state_dict[prefix + "w0_index"] = (index[mine] - lo * self.in_features).to(self.w0_index.dtype)
-        state_dict[prefix + "w0_value"] = value[mine]
 
     _master = ("values", "delta", "_merged", "frozen_values")  # S and its fold record: never narrowed below float32
 
@@ -203,21 +180,26 @@ class SparseGradLinear(SparseLinear):
         """(rows, cols, values) of S's trained entries: what an adapter stores."""
         raise NotImplementedError
 
-    def _changed(self, check: bool = True) -> _Change | None:
-        """The entries of S that may have changed since the last fold, or None; marks them folded.
-        check: look on the device whether anything changed (a read-back); without, fold what may have."""
-        raise NotImplementedError
-
-    def _fold_change(self, change: _Change) -> None:
-        """weight += U^T dS V for a float32 / float64 weight."""
-        raise NotImplementedError
-
-    def _trained_plan(self) -> tuple[SupportPlan, torch.Tensor] | None:
+    def trained_plan(self) -> tuple[SupportPlan, torch.Tensor] | None:
         """(plan, values) of every trained entry of S, or None when S is zero."""
         raise NotImplementedError
 
-    def _folded_plan(self, change: _Change) -> tuple[SupportPlan, torch.Tensor] | None:
+    def delta_weight(self) -> torch.Tensor:
+        """U^T S V in weight orientation (d_out, d_in), float32: what S adds to the pretrained weight."""
+        return folding.delta(self, self.trained_plan())
+
+    # ------------------------------------------------------------------ the record of what is folded
+    def take_change(self, check: bool = True) -> Change | None:
+        """The entries of S that may have changed since the last fold, or None; marks them folded.
+        check: look on the device whether anything changed (a read-back); without, hand out what may have."""
+        raise NotImplementedError
+
+    def folded_plan(self, change: Change) -> tuple[SupportPlan, torch.Tensor] | None:
         """(plan, values) of S as it was at the last fold, before `change`."""
+        raise NotImplementedError
+
+    def forget_folded(self) -> None:
+        """Record that none of S is in the weight: the next fold folds all of it."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -227,68 +209,22 @@ class SparseGradLinear(SparseLinear):
         self.trainable.copy_(values)
         self.sync()
 
-    @torch.no_grad()
     def sync(self, check: bool = True) -> None:
-        """Fold trained values that changed since the last fold into `weight` (none while unfolded).
-        check=False (after an optimizer step, see folding.py): fold without reading the device first."""
-        if self.unfolded:
-            return
-        if self.sharded:
-            return self._sync_sharded()
-        change = self._changed(check)
-        if change is None:
-            return
-        with record_function("sparsegrad.fold"), torch.autocast(self.weight.device.type, enabled=False):
-            if self.weight.dtype in LOW_PRECISION:
-                self._rebuild(self._folded_plan(change), self._trained_plan())
-            else:
-                self._fold_change(change)
-
-    def fold_step(self) -> None:
-        """After an optimizer step that updated S (folding.py calls it): fold the step's change."""
-        self.sync(check=False)
-
-    def _sync_sharded(self) -> None:
-        """sync under FSDP2 (collective): this rank's rows lo:hi of W (d_out) take their part of the
-        change of the whole S, W[lo:hi] += (U^T dS V[:, lo:hi])^T; V's columns lo:hi are a view."""
-        change = self._sharded_change()
-        if change is None:
-            return
-        lo, hi = shard_rows(self.weight)
-        with record_function("sparsegrad.fold"), torch.autocast(self.weight.device.type, enabled=False):
-            if self.weight.dtype in LOW_PRECISION:
-                self._rebuild(*self._sharded_plans(change), weight=self.weight.to_local(), rows=(lo, hi))
-            else:
-                a, b = change.plan.sides(self.U, self.V[:, lo:hi])
-                change.plan.fold(self.weight.to_local(), change.diff.to(a.dtype), a, b)
-
-    def _sharded_change(self) -> _Change | None:
-        """The change of the whole S since the last fold, the same on every rank (collective), or None."""
-        raise NotImplementedError
-
-    def _sharded_plans(self, change: _Change) -> tuple:
-        """(folded, trained) plans of the whole S around `change`, for a low-precision rebuild (collective)."""
-        raise NotImplementedError
+        """Fold what changed in S since the last fold into `weight` (none while unfolded); see folding.py."""
+        folding.fold_layers([self], check)
 
     @torch.no_grad()
     def unfold(self) -> None:
-        """Take S out of the weight (weight = W_0) and keep it out until `refold`: forward, sync and
-        state_dict() leave the weight alone meanwhile; S itself is kept. How a peft adapter is
-        disabled or switched. Low-precision weights come back to W_0 exactly (the rebuild), float32
-        ones to rounding (W_0 + D - D), as a merged LoRA's unmerge."""
+        """Take S out of the weight (weight = W_0) and keep it out until `refold`: folds and state_dict()
+        leave the weight alone meanwhile; S itself is kept. How a peft adapter is disabled or switched.
+        Low-precision weights come back to W_0 exactly (the rebuild), float32 ones to rounding
+        (W_0 + D - D), as a merged LoRA's unmerge."""
         if self.unfolded:
             return
         self.sync()
-        trained = self._trained_plan()
-        if trained is not None:
-            with record_function("sparsegrad.fold"), torch.autocast(self.weight.device.type, enabled=False):
-                if self.weight.dtype in LOW_PRECISION:
-                    self._rebuild(trained, None)
-                else:
-                    plan, values = trained
-                    a, b = plan.sides(self.U, self.V)
-                    plan.fold(self.weight.data, -values.to(a.dtype), a, b)
-        self._forget_folded()
+        with torch.autocast(self.weight.device.type, enabled=False):
+            self.fold_rule.unfold(self)
+        self.forget_folded()
         self.unfolded = True
 
     @torch.no_grad()
@@ -311,46 +247,12 @@ class SparseGradLinear(SparseLinear):
                 self._buffers[name] = basis
         self._set_entries(rows.long().to(self.weight.device), cols.long().to(self.weight.device),
                           values.to(self.weight.device))
-        self._forget_folded()
+        self.forget_folded()
         if folded:
             self.refold()
 
-    def _forget_folded(self) -> None:
-        """Record that none of S is in the weight: the next sync folds all of it."""
-        raise NotImplementedError
-
     def _set_entries(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> None:
         raise NotImplementedError
-
-    def _delta(self, trained: tuple[SupportPlan, torch.Tensor] | None, rows: tuple[int, int] | None = None
-               ) -> torch.Tensor:
-        """U^T S V in weight orientation (d_out, d_in), or its rows lo:hi, float32; the same bits for the same S."""
-        lo, hi = rows or (0, self.out_features)
-        out = torch.zeros(hi - lo, self.in_features, dtype=torch.float32, device=self.U.device)
-        if trained is not None:
-            plan, values = trained
-            a, b = plan.sides(self.U.float(), self.V.float()[:, lo:hi])
-            plan.fold(out, values.float(), a, b)
-        return out
-
-    def _rebuild(self, folded, trained, weight: torch.Tensor | None = None, rows: tuple[int, int] | None = None
-                 ) -> None:
-        """weight = round(W_0 + U^T S V), the sum in float32 and rounded once: exact after any number of steps.
-
-        W_0 comes back from the weight: W = round(W_0 + D_old) with D_old = U^T S_old V, so
-        round(W - D_old) = W_0 wherever that rounding moved W_0 by less than half a unit of W_0's
-        last place -- every entry but those whose sum crossed a power of two or tied. The rebuild
-        checks each entry against the next recovery (which repeats the same float32 D) and keeps
-        the pretrained value of the few that would not come back in (w0_index, w0_value).
-        """
-        weight = self.weight.data if weight is None else weight  # sharded: this rank's rows lo:hi, and theirs in w0
-        base = (weight.float() - self._delta(folded, rows)).to(weight.dtype).view(-1)  # W_0, but for the kept entries
-        base[self.w0_index] = self.w0_value
-        delta = self._delta(trained, rows).view(-1)
-        new = (base.float() + delta).to(weight.dtype)  # rounded once
-        lost = ((new.float() - delta).to(weight.dtype) != base).nonzero().squeeze(1)
-        self.w0_index, self.w0_value = lost.to(self._index_dtype()), base[lost]
-        weight.view(-1).copy_(new)
 
 
 def _lookup(sorted_keys: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, missing: float) -> torch.Tensor:
@@ -360,18 +262,6 @@ def _lookup(sorted_keys: torch.Tensor, values: torch.Tensor, keys: torch.Tensor,
     out = torch.full(keys.shape, missing, dtype=values.dtype, device=values.device)
     out[found] = values[pos[found]]
     return out
-
-
-@dataclass
-class _Change:
-    """What changed in S since the last fold: diff = S - S_folded at the plan's entries (caller order);
-    `before` holds S_folded there, `flat` their flat indices (None: the fixed support, in its order;
-    dynamic: no plan, the entries fold by fold_entries)."""
-
-    plan: SupportPlan | None
-    diff: torch.Tensor
-    before: torch.Tensor
-    flat: torch.Tensor | None = None
 
 
 class FixedSparseGradLinear(SparseGradLinear):
@@ -500,37 +390,23 @@ class FixedSparseGradLinear(SparseGradLinear):
         order = torch.argsort(old_key)
         return _lookup(old_key[order], order, new_key, -1)
 
-    def _changed(self, check=True):
-        diff = self.values.detach() - self._merged
+    def take_change(self, check=True, values: torch.Tensor | None = None):
+        """values: S's (k,) values now (sharded: the whole of them, gathered); default the layer's own."""
+        values = self.values.detach() if values is None else values
+        diff = values - self._merged
         if check and not bool(diff.any()):
             return None
         before = self._merged.clone()
-        self._merged.copy_(self.values.detach())
-        return _Change(self._support_plan(), diff, before)
+        self._merged.copy_(values)
+        return Change(self._support_plan(), diff, before)
 
-    def _fold_change(self, change):
-        a, b = change.plan.sides(self.U, self.V)
-        change.plan.fold(self.weight.data, change.diff.to(a.dtype), a, b)
-
-    def _sharded_change(self):
-        full = self.values.detach().full_tensor()  # (k,): this rank holds k / N of them
-        diff = full - self._merged
-        if not bool(diff.any()):
-            return None
-        before = self._merged.clone()
-        self._merged.copy_(full)
-        return _Change(self._support_plan(), diff, before)
-
-    def _sharded_plans(self, change):
-        return (change.plan, change.before), (change.plan, change.before + change.diff)
-
-    def _trained_plan(self):
+    def trained_plan(self):
         return self._support_plan(), self.values.detach()
 
-    def _folded_plan(self, change):
+    def folded_plan(self, change):
         return self._support_plan(), change.before
 
-    def _forget_folded(self) -> None:
+    def forget_folded(self) -> None:
         self._merged.zero_()
 
     def _set_entries(self, rows, cols, values) -> None:
@@ -595,15 +471,15 @@ class DynamicSparseGradLinear(SparseGradLinear):
         flat = S.reshape(-1).nonzero().squeeze(1)
         return flat // self.out_features, flat % self.out_features, S.reshape(-1)[flat]
 
-    def _plan(self, flat: torch.Tensor) -> SupportPlan:
+    def _entries_plan(self, flat: torch.Tensor) -> SupportPlan:
         return SupportPlan.build(flat // self.out_features, flat % self.out_features, self.in_features, self.out_features)
 
     def _nonzero_plan(self, S: torch.Tensor) -> tuple[SupportPlan, torch.Tensor] | None:
         """(plan, values) of the non-zero entries of a dense S, or None when it is zero."""
         flat = S.reshape(-1).nonzero().squeeze(1)
-        return (self._plan(flat), S.reshape(-1)[flat]) if flat.numel() else None
+        return (self._entries_plan(flat), S.reshape(-1)[flat]) if flat.numel() else None
 
-    def _trained_plan(self):
+    def trained_plan(self):
         return self._nonzero_plan(self.delta.detach())
 
     @torch.no_grad()
@@ -612,56 +488,32 @@ class DynamicSparseGradLinear(SparseGradLinear):
                               self.delta.detach().reshape(-1).clone()))
         super().set_trained(values)
 
-    def _changed(self, check=True):
+    def take_change(self, check=True):
         if not self._pending:  # nothing handed out since the last fold (S written in place otherwise: set_trained)
             return None
-        flat, diff, before = self._take_pending()
+        flat, diff, before = self.take_pending(self.delta.detach())
         if check or self.weight.dtype in LOW_PRECISION:  # only the entries that moved (read back)
             moved = diff.ne(0)
             if not bool(moved.any()):
                 return None
             flat, diff, before = flat[moved], diff[moved], before[moved]
-        return _Change(None, diff, before, flat)
+        return Change(None, diff, before, flat)
 
-    def _fold_change(self, change):
-        fold_entries(self.weight.data, change.flat, change.diff, self.U, self.V)
-
-    def _take_pending(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(flat indices, S - S_before, S_before) of the entries handed out since the last fold; the record
-        is cleared. An entry handed out twice (accumulation) was recorded twice with one value: its second
-        record's change is zero. Static shapes: nothing is read back."""
-        flat = torch.cat([f for f, _ in self._pending])
-        before = torch.cat([v for _, v in self._pending])
+    def take_pending(self, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sorted flat indices, S - S_before, S_before) of the entries handed out since the last fold; the
+        record is cleared. S: the layer's dense S (sharded: this rank's rows). An entry handed out twice
+        (accumulation) was recorded twice with one value: its second record's change is zero. Static
+        shapes: nothing is read back."""
+        flat = torch.cat([f for f, _ in self._pending] or [torch.zeros(0, dtype=torch.long, device=S.device)])
+        before = torch.cat([v for _, v in self._pending] or [S.new_zeros(0)])
         self._pending.clear()
         flat, order = flat.sort()
         before = before[order]
-        S = self.delta.detach()
-        diff = (S.to_local() if self.sharded else S).reshape(-1)[flat] - before
-        repeated = torch.cat((flat.new_zeros(1, dtype=torch.bool), flat[1:] == flat[:-1]))
+        diff = S.reshape(-1)[flat] - before
+        repeated = torch.cat((flat.new_zeros(1, dtype=torch.bool), flat[1:] == flat[:-1]))[:flat.numel()]
         return flat, diff.masked_fill_(repeated, 0), before
 
-    def _sharded_change(self):
-        S = self.delta.detach()
-        if not self._pending:
-            self._pending.append((torch.zeros(0, dtype=torch.long, device=self.U.device),
-                                  torch.zeros(0, device=self.U.device)))
-        flat, diff, before = self._take_pending()  # local flat indices into this rank's rows of S
-        moved = diff.ne(0)
-        offset = shard_rows(S)[0] * self.out_features
-        flat, diff, before = all_gather_cat([flat[moved] + offset, diff[moved], before[moved]], S.device_mesh.get_group())
-        if flat.numel() == 0:
-            return None
-        return _Change(self._plan(flat), diff, before, flat)
-
-    def _sharded_plans(self, change):
-        rows, cols, values = self.trained_entries()  # every rank's non-zero entries of S, gathered
-        flat, inverse = torch.unique(torch.cat([rows * self.out_features + cols, change.flat]), return_inverse=True)
-        now = values.new_zeros(flat.numel()).index_copy_(0, inverse[:values.numel()], values)
-        before = now.clone().index_copy_(0, inverse[values.numel():], change.before)
-        plan = self._plan(flat)
-        return (plan, before), (plan, now)
-
-    def _forget_folded(self) -> None:
+    def forget_folded(self) -> None:
         flat = self.delta.detach().reshape(-1).nonzero().squeeze(1)
         self._pending = [(flat, self.delta.new_zeros(flat.numel()))] if flat.numel() else []
 
@@ -671,7 +523,7 @@ class DynamicSparseGradLinear(SparseGradLinear):
         self.delta.data.zero_()
         self.delta.data[rows, cols] = values.to(self.delta.dtype)
 
-    def _folded_plan(self, change):
+    def folded_plan(self, change):
         folded = self.delta.detach().clone().reshape(-1)  # S before the change: a transient copy
         folded[change.flat] = change.before
         return self._nonzero_plan(folded)

@@ -11,10 +11,9 @@ Every process holds 1/N of each weight (rows of W, d_out), frozen or not, and 1/
 tensor (fixed: the (k,) values; dynamic: rows of the dense (d_in, d_out) S), of its gradient (FSDP
 reduce-scatters it) and of its optimizer state. What keeps the method exact:
 
-- the fold: after the optimizer step (folding.py: any optimizer, on every rank alike) every rank takes
-  the step's change dS of the whole layer -- the k values (fixed) or the changed entries (dynamic),
-  gathered from the ranks that own them -- and adds its own rows of the update,
-  W[lo:hi] += (U^T dS V[:, lo:hi])^T: no rank forms rows of W that it does not own;
+- the fold (ShardedFold, the rule `shard` gives each layer; folding.py calls it after the optimizer step,
+  any optimizer, on every rank alike): every rank takes the step's change dS of the whole layer and adds
+  its own rows of the update, W[lo:hi] += (U^T dS V[:, lo:hi])^T: no rank forms rows of W it does not own;
 - the top-k (dynamic, meprop): the k largest entries of the complete, reduced gradient over all
   shards -- each shard's own k largest are the candidates, gathered, and the k largest kept;
 - the bases: shared buffers, not sharded, held once per role on every rank (the same on all).
@@ -31,8 +30,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from .collectives import shard_rows
+from . import support
+from .collectives import all_gather_cat, shard_rows
+from .folding import Change, FoldRule, rebuild
 from .model import defer_topk, sparse_layers
+from .sparse_linear import LOW_PRECISION
 
 HOLDER = "sharded_trainable"
 
@@ -79,6 +81,7 @@ def shard(model: nn.Module, *, mesh=None, reshard_after_forward: bool = True) ->
             layer._register_state_dict_hook(_unsharded_names)
             layer._register_load_state_dict_pre_hook(_sharded_names, with_module=True)
         layer.sharded = True
+        layer.fold_rule = SHARDED
     blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(f"found no transformer blocks in {type(model).__name__} to shard: it names no "
@@ -111,14 +114,82 @@ def _unsharded_names(module, state_dict, prefix, local_metadata) -> None:
     key = f"{prefix}{HOLDER}.{holder.name}"
     if key in state_dict:
         state_dict[prefix + holder.name] = state_dict.pop(key)
-    if prefix + "w0_index" in state_dict:
-        module.whole_w0(state_dict, prefix)
+    if prefix + "w0_index" in state_dict:  # this rank's kept entries (indices into its rows) -> the whole weight's
+        lo, _ = shard_rows(module.weight)
+        index, value = all_gather_cat([module.w0_index.long() + lo * module.in_features, module.w0_value],
+                                      module.weight.device_mesh.get_group())
+        state_dict[prefix + "w0_index"], state_dict[prefix + "w0_value"] = index.to(module.w0_index.dtype), value
 
 
 def _sharded_names(module, state_dict, prefix, *args) -> None:
+    """An unsharded layer's state into a sharded one: S to its holder, and of the whole weight's kept
+    pretrained entries this rank's rows' (indices into its rows)."""
     holder = module._modules[HOLDER]
     if prefix + holder.name in state_dict:
         state_dict[f"{prefix}{HOLDER}.{holder.name}"] = state_dict.pop(prefix + holder.name)
+    if module.w0_index is not None and prefix + "w0_index" in state_dict:
+        lo, hi = shard_rows(module.weight)
+        index, value = state_dict[prefix + "w0_index"].long(), state_dict[prefix + "w0_value"]
+        mine = (index >= lo * module.in_features) & (index < hi * module.in_features)
+        state_dict[prefix + "w0_index"] = (index[mine] - lo * module.in_features).to(module.w0_index.dtype)
+        state_dict[prefix + "w0_value"] = value[mine]
+        for name in ("w0_index", "w0_value"):  # as many as this rank's rows keep
+            setattr(module, name, torch.empty_like(state_dict[prefix + name], device=module.w0_index.device))
+
+
+# ---------------------------------------------------------------- the fold of a sharded layer
+class ShardedFold(FoldRule):
+    """Every rank takes the change of the whole S -- the k values (fixed) or the changed entries (dynamic),
+    gathered from the ranks that own them -- and adds its own rows lo:hi of the update,
+    W[lo:hi] += (U^T dS V[:, lo:hi])^T (V's columns lo:hi are a view); a low-precision weight rebuilds its
+    rows. Collective: the layers fold in the same order on every rank."""
+
+    name = "SHARDED"
+
+    def fold(self, layers, check):
+        for layer in layers:
+            change = _whole_change(layer, check)
+            if change is None:
+                continue
+            lo, hi = shard_rows(layer.weight)
+            weight = layer.weight.to_local()
+            if weight.dtype in LOW_PRECISION:
+                rebuild(layer, *_whole_plans(layer, change), weight=weight, rows=(lo, hi))
+            else:
+                plan = change.plan
+                support.fold([weight], plan, change.diff, *plan.sides(layer.U, layer.V[:, lo:hi]))
+
+    def unfold(self, layer):
+        raise NotImplementedError("a sharded layer keeps S folded (peft's adapter switching runs unsharded)")
+
+
+SHARDED = ShardedFold()
+
+
+def _whole_change(layer: nn.Module, check: bool) -> Change | None:
+    """The change of the whole S since the last fold, the same on every rank (collective), or None."""
+    if layer.mode == "fixed":
+        return layer.take_change(check, values=layer.values.detach().full_tensor())  # this rank holds k / N
+    S = layer.delta.detach()
+    flat, diff, before = layer.take_pending(S.to_local())  # flat indices into this rank's rows of S
+    moved = diff.ne(0)
+    offset = shard_rows(S)[0] * layer.out_features
+    flat, diff, before = all_gather_cat([flat[moved] + offset, diff[moved], before[moved]], S.device_mesh.get_group())
+    if flat.numel() == 0:
+        return None
+    return Change(layer._entries_plan(flat), diff, before, flat)
+
+
+def _whole_plans(layer: nn.Module, change: Change) -> tuple:
+    """(folded, trained) (plan, values) of the whole S around `change`, for a low-precision rebuild (collective)."""
+    if layer.mode == "fixed":
+        return (change.plan, change.before), (change.plan, change.before + change.diff)
+    rows, cols, values = layer.trained_entries()  # every rank's non-zero entries of S, gathered
+    flat, inverse = torch.unique(torch.cat([rows * layer.out_features + cols, change.flat]), return_inverse=True)
+    now = values.new_zeros(flat.numel()).index_copy_(0, inverse[:values.numel()], values)
+    before = now.clone().index_copy_(0, inverse[values.numel():], change.before)
+    plan = layer._entries_plan(flat)
+    return (plan, before), (plan, now)
 
 
 def is_sharded(model: nn.Module) -> bool:

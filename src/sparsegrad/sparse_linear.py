@@ -161,6 +161,10 @@ class _SparseLinearFn(torch.autograd.Function):
 
 # ---------------------------------------------------------------- the layer
 
+def _fold_before_saving(module: SparseLinear, prefix: str, keep_vars: bool) -> None:
+    module.sync()  # a function, not a lambda: layers pickle
+
+
 class SparseLinear(nn.Module):
     """Base of the drop-in nn.Linear replacements that train k entries per layer.
 
@@ -199,7 +203,7 @@ class SparseLinear(nn.Module):
         # sharded by FSDP2 (sparsegrad.shard): folds after the optimizer step, into this rank's rows only
         self.sharded = False
         # whatever is saved is current: fold pending updates before state_dict() / save_pretrained
-        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.sync())
+        self.register_state_dict_pre_hook(_fold_before_saving)
 
     def __getattr__(self, name: str):
         owner = self.__dict__.get("_owner")

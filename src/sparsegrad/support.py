@@ -43,6 +43,7 @@ class SupportPlan:
     crow: torch.Tensor  # (r + 1,) int32 CSR row pointer over the distinct rows
     cols: torch.Tensor  # (k,) int32 plan column of each entry (the layer's own buffer when in plan order)
     n: int  # plan columns
+    all_rows: bool = False  # each layer's rows are all m rows, in order (uniq_rows is then arange(m) per layer)
 
     @staticmethod
     def orientation(rows: torch.Tensor, cols: torch.Tensor) -> bool:
@@ -64,7 +65,8 @@ class SupportPlan:
         uniq_rows, counts = torch.unique_consecutive(rows.long(), return_counts=True)
         crow = torch.zeros(uniq_rows.numel() + 1, dtype=torch.int32, device=rows.device)
         crow[1:] = counts.cumsum(0)
-        return SupportPlan(transposed, order, uniq_rows, crow, cols.to(torch.int32), n)
+        m = d_out if transposed else d_in
+        return SupportPlan(transposed, order, uniq_rows, crow, cols.to(torch.int32), n, uniq_rows.numel() == m)
 
     def sides(self, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A (d_in-side, d_out-side) pair, e.g. (U, V) or (x, dy), in plan orientation."""
@@ -99,15 +101,72 @@ class SupportPlan:
         result[self.order] = out
         return result
 
-    def fold(self, weight: torch.Tensor, values: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-        """weight (d_out, d_in) += (a^T S b) in weight orientation; S holds `values` (caller order)."""
-        values = values if self.order is None else values[self.order]
-        p = self._csr(values.to(a.dtype)) @ b  # (r, n) @ (n, n) -> (r, n)
-        a_r = a[self.uniq_rows].to(weight.dtype)  # (r, m)
-        if self.transposed:  # plan matrix is W itself: W += a_r^T @ p
-            weight.addmm_(a_r.t(), p.to(weight.dtype))
+    @staticmethod
+    def every_row(flat: torch.Tensor, d_in: int, d_out: int, layers: int = 1) -> SupportPlan:
+        """The plan of entries at the sorted flat indices `flat` into `layers` stacked S's (layers, d_in, d_out),
+        over every row of S's smaller side, each layer's after the last's. An entry may repeat (its values sum).
+        Static shapes, nothing read back: the dynamic mode's, whose rows change at every step."""
+        transposed = d_out < d_in  # rotate the smaller side
+        layer, rest = flat // (d_in * d_out), flat % (d_in * d_out)
+        rows, cols = rest // d_out, rest % d_out
+        if transposed:
+            rows, cols, m, n = cols, rows, d_out, d_in
+        else:
+            m, n = d_in, d_out
+        rows = layer * m + rows  # rows of the stack (layers * m, n)
+        order = None  # row-major flat indices are in plan order already
+        if transposed:
+            rows, order = rows.sort(stable=True)
+            cols = cols[order]
+        crow = torch.searchsorted(rows, torch.arange(layers * m + 1, device=rows.device)).to(torch.int32)
+        every = torch.arange(m, device=rows.device).repeat(layers)
+        return SupportPlan(transposed, order, every, crow, cols.to(torch.int32), n, True)
+
+    @staticmethod
+    def stack(plans: list[SupportPlan]) -> SupportPlan:
+        """One plan over the layers' S's stacked along the plan rows (one orientation), each layer padded
+        with empty rows to the largest r: what `fold` takes for several layers of one role at once."""
+        if len({p.transposed for p in plans}) != 1:
+            raise ValueError("stacked plans must share one orientation")
+        r = max(p.uniq_rows.numel() for p in plans)
+        crows, rows, cols, orders = [], [], [], []
+        offset = 0
+        for p in plans:
+            k, pad = p.cols.numel(), r - p.uniq_rows.numel()
+            crows += [p.crow[:-1] + offset, p.crow.new_full((pad,), offset + k)]
+            rows += [p.uniq_rows, p.uniq_rows.new_zeros(pad)]  # padded rows are empty: any row of a will do
+            cols.append(p.cols)
+            orders.append(offset + (p.order if p.order is not None else torch.arange(k, device=p.cols.device)))
+            offset += k
+        crows.append(plans[0].crow.new_full((1,), offset))
+        order = None if all(p.order is None for p in plans) else torch.cat(orders)
+        return SupportPlan(plans[0].transposed, order, torch.cat(rows), torch.cat(crows), torch.cat(cols), plans[0].n,
+                           all(p.all_rows for p in plans))
+
+
+def fold(weights: list[torch.Tensor], plan: SupportPlan, values: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+         ) -> None:
+    """weights[l] (d_out, d_in) += a^T S_l b in weight orientation, for layers sharing the rotations a (m, m) and
+    b (n, n) (one role): `plan` covers the S_l stacked along its rows (r rows per layer: one layer's plan,
+    SupportPlan.stack or every_row), `values` its entries (caller order). One sparse product and one batched
+    dense product for all of them: (L r, n) @ (n, n), then (L, m, r) @ (L, r, n)."""
+    L, m = len(weights), a.shape[0]
+    dtype = weights[0].dtype
+    values = values if plan.order is None else values[plan.order]
+    p = plan._csr(values.to(a.dtype)) @ b  # (L r, n)
+    r = p.shape[0] // L
+    if L == 1:  # one layer: the update is added by the product itself
+        a_r = a if plan.all_rows else a[plan.uniq_rows]  # (r, m)
+        if plan.transposed:  # plan matrix is W itself: W += a_r^T @ p
+            weights[0].addmm_(a_r.t().to(dtype), p.to(dtype))
         else:  # plan matrix is W^T: W += p^T @ a_r
-            weight.addmm_(p.t().to(weight.dtype), a_r)
+            weights[0].addmm_(p.t().to(dtype), a_r.to(dtype))
+        return
+    p = p.view(L, r, -1).to(dtype)
+    a_r = (a if plan.all_rows else a[plan.uniq_rows].view(L, r, m)).to(dtype)  # (r, m), or (L, r, m)
+    update = a_r.transpose(-2, -1) @ p if plan.transposed else p.transpose(1, 2) @ a_r  # (L, d_out, d_in)
+    for weight, change in zip(weights, update):
+        weight.add_(change)
 
 
 def csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -137,27 +196,3 @@ def sampled_product(crow: torch.Tensor, cols: torch.Tensor, rot: torch.Tensor, b
 @sampled_product.register_fake
 def _(crow, cols, rot, b):
     return rot.new_empty(cols.shape[0])
-
-
-def fold_entries(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor, U: torch.Tensor,
-                 V: torch.Tensor) -> None:
-    """weight (d_out, d_in) += (U^T S V)^T, S (d_in, d_out) holding `values` at the flat indices `flat`
-    (an entry may repeat: its values sum). Every shape is static (no count of distinct rows is read
-    back): S becomes a CSR over all rows of its smaller side, and the fold costs
-    min(d_in, d_out) * d_in * d_out -- the dynamic mode's, whose rows change at every step."""
-    d_in, d_out = U.shape[0], V.shape[0]
-    rows, cols = flat // d_out, flat % d_out
-    transposed = d_out < d_in  # rotate the smaller side: S^T U, then V^T (S^T U)
-    if transposed:
-        rows, cols, m, n, near, far = cols, rows, d_out, d_in, U, V
-    else:
-        m, n, near, far = d_in, d_out, V, U
-    rows, order = rows.sort()
-    crow = torch.searchsorted(rows, torch.arange(m + 1, device=rows.device)).to(torch.int32)
-    S = csr(crow, cols[order].to(torch.int32), values[order].to(near.dtype), (m, n))
-    P = (S @ near).to(weight.dtype)  # (m, n): S V, or S^T U when transposed
-    far = far.to(weight.dtype)
-    if transposed:
-        weight.addmm_(far.t(), P)  # (d_out, d_out) @ (d_out, d_in)
-    else:
-        weight.addmm_(P.t(), far)  # (d_out, d_in) @ (d_in, d_in)

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 import sparsegrad
+from sparsegrad import folding
 from sparsegrad.layer import layer_class
 from sparsegrad.util import write_json_atomic
 
@@ -220,12 +221,12 @@ def measure_fold(spec: dict) -> dict:
     x = torch.randn(spec["tokens"], d_in, device=dev).to(dtype)
     dy = torch.randn(spec["tokens"], d_out, device=dev).to(dtype)
     steps, folds = [], []
-    fold_step = layer.fold_step
+    fold_layers = folding.fold_layers
 
-    def timed_fold():  # the fold the optimizer step's hook runs, timed apart from the step
-        folds.append(_timed(fold_step, dev))
+    def timed_fold(*args, **kwargs):  # the fold the optimizer step's hook runs, timed apart from the step
+        folds.append(_timed(lambda: fold_layers(*args, **kwargs), dev))
 
-    layer.fold_step = timed_fold
+    folding.fold_layers = timed_fold  # this process measures one layer and ends
     for i in range(spec["iters"] + 1):
         start = time.perf_counter()
         layer(x).backward(dy)
@@ -270,7 +271,7 @@ LLAMA_MLP = (("up_proj", 4096, 11008), ("down_proj", 11008, 4096))
 
 def measure_fold_7b(spec: dict) -> dict:
     """In a fresh process: one 7B-shape layer at one k; the fold's r, FLOPs and seconds per mode."""
-    from sparsegrad.support import SupportPlan, fold_entries, topk_support
+    from sparsegrad.support import SupportPlan, fold, topk_support
 
     torch.manual_seed(0)
     dev = torch.device(spec["device"])
@@ -285,15 +286,17 @@ def measure_fold_7b(spec: dict) -> dict:
         plan = SupportPlan.build(rows, cols, d_in, d_out)
         r, (m, n) = plan.uniq_rows.numel(), ((d_out, d_in) if plan.transposed else (d_in, d_out))
         a, b = plan.sides(U, V)
-        plan.fold(weight, values, a, b)  # warm-up
+        fold([weight], plan, values, a, b)  # warm-up
         row[f"{name}_r"], row[f"{name}_flops"] = r, 2 * (k * n + r * m * n)
-        row[f"{name}_s"] = _timed(lambda plan=plan, a=a, b=b: plan.fold(weight, values, a, b), dev)
+        row[f"{name}_s"] = _timed(lambda plan=plan, a=a, b=b: fold([weight], plan, values, a, b), dev)
     flat = step[0] * d_out + step[1]
-    fold_entries(weight, flat, values, U, V)
+    every = SupportPlan.every_row(flat, d_in, d_out)
+    a, b = every.sides(U, V)
+    fold([weight], every, values, a, b)
     side = min(d_in, d_out)
     row["dynamic_r"] = side
     row["dynamic_flops"] = 2 * (k * max(d_in, d_out) + side * d_in * d_out)
-    row["dynamic_s"] = _timed(lambda: fold_entries(weight, flat, values, U, V), dev)
+    row["dynamic_s"] = _timed(lambda: fold([weight], every, values, a, b), dev)
     for t in (512, 4096):
         row[f"forward_{t}_flops"] = 2 * t * d_in * d_out
     x = torch.randn(512, d_in, device=dev)
