@@ -24,8 +24,6 @@ The MeProp baseline (top-k in the original space, no basis) is meprop.MePropLine
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
@@ -33,32 +31,9 @@ from . import folding
 from .collectives import all_gather_cat, keep_global_topk, shard_rows
 from .folding import Change
 from .meprop import MePropLinear
-from .sparse_linear import LOW_PRECISION, SparseLinear, linear_weight, master_dtype, sparse_entries
+from .shared_bases import SharedBases
+from .sparse_linear import LOW_PRECISION, SparseLinear, keep_precision, linear_weight, master_dtype, sparse_entries
 from .support import SupportPlan, topk_support
-
-# id(source basis) -> (weakref to it, fn, converted basis) of the latest Module._apply
-# (model.to(...), .double(), ...): a basis shared by many layers is converted once, so
-# that the layers keep sharing it.
-_CONVERTED_BASES: dict[int, tuple] = {}
-
-
-def _keep_precision(fn, t: torch.Tensor) -> torch.Tensor:
-    """fn(t) for a Module._apply conversion, never narrower than float32: the bases and the
-    trained values of a low-precision layer stay float32 (`model.to(torch.bfloat16)` included)."""
-    out = fn(t)
-    if out.dtype in LOW_PRECISION and t.dtype not in LOW_PRECISION:
-        out = t.to(device=out.device, dtype=torch.float32)
-    return out
-
-
-def _convert_shared(basis: torch.Tensor, fn) -> torch.Tensor:
-    entry = _CONVERTED_BASES.get(id(basis))
-    if entry is None or entry[0]() is not basis or entry[1] is not fn:
-        key = id(basis)
-        # the table bound now: at interpreter exit the module's globals may already be gone
-        ref = weakref.ref(basis, lambda _, key=key, table=_CONVERTED_BASES: table.pop(key, None))
-        entry = _CONVERTED_BASES[key] = (ref, fn, _keep_precision(fn, basis))
-    return entry[2]
 
 
 class SparseGradLinear(SparseLinear):
@@ -69,8 +44,8 @@ class SparseGradLinear(SparseLinear):
     Args:
         in_features, out_features: d_in, d_out.
         k: number of trained entries (per step, in `dynamic`).
-        U: (d_in, d_in) and V: (d_out, d_out) orthogonal bases, rows are basis vectors. Held by
-            reference: pass the same tensors to every layer of a role and they are stored once.
+        U: (d_in, d_in) and V: (d_out, d_out) orthogonal bases, rows are basis vectors, or
+        bases: the SharedBases of the layer's role, held by every layer of it (sparsegrad.apply gives them).
         dtype: the weight's; bfloat16 / float16 keep S and the bases in float32 (see the module's
             notes on how their weight is rebuilt exactly).
     """
@@ -84,27 +59,19 @@ class SparseGradLinear(SparseLinear):
         return super().__new__(built)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, k: int,
-                 U: torch.Tensor | None = None, V: torch.Tensor | None = None, mode: str | None = None,
-                 device=None, dtype=None, owner: nn.Linear | None = None) -> None:
+                 U: torch.Tensor | None = None, V: torch.Tensor | None = None, bases: SharedBases | None = None,
+                 mode: str | None = None, device=None, dtype=None, owner: nn.Linear | None = None) -> None:
         if mode is not None and mode != self.mode:
             raise ValueError(f"mode={mode!r} does not fit {type(self).__name__} (mode {self.mode!r})")
         super().__init__(in_features, out_features, bias, k=k, device=device, dtype=dtype, owner=owner)
-        basis_dtype = master_dtype(dtype)
-        for name, basis, d in (("U", U, in_features), ("V", V, out_features)):
-            if basis is None:
-                raise ValueError(f"mode={self.mode!r} needs the basis {name} ({d}x{d}); "
-                                 "compute it with sparsegrad.compute_bases")
-            if tuple(basis.shape) != (d, d):
-                raise ValueError(
-                    f"basis {name} has shape {tuple(basis.shape)} but this {in_features}->{out_features} "
-                    f"layer needs ({d}, {d}); the bases were computed for another model or layer"
-                )
-            # Shared by every layer of a role and held by reference: not in the state_dict
-            # (checkpoints stay small; load them into a model converted with the same bases).
-            # Row-major storage: the sparse kernels copy anything else on every call.
-            # `.to` returns the tensor itself when it already fits, so a shared basis stays shared.
-            self.register_buffer(name, basis.to(device=device, dtype=basis_dtype or basis.dtype).contiguous(),
-                                 persistent=False)
+        if bases is None:
+            for name, basis, d in (("U", U, in_features), ("V", V, out_features)):
+                if basis is None:
+                    raise ValueError(f"mode={self.mode!r} needs the basis {name} ({d}x{d}); "
+                                     "compute it with sparsegrad.compute_bases")
+            bases = SharedBases(U, V, device=device, dtype=master_dtype(dtype) or U.dtype)
+        self._check_bases(bases)
+        self.bases = bases  # a child module, the same for every layer of the role
         # low precision: the entries whose pretrained value the weight cannot give back (folding.rebuild)
         low = self.weight.dtype in LOW_PRECISION
         self.register_buffer("w0_index", torch.zeros(0, dtype=self._index_dtype(), device=device) if low else None)
@@ -112,6 +79,21 @@ class SparseGradLinear(SparseLinear):
         self.unfolded = False  # S taken out of the weight (see unfold)
         self.fold_rule = folding.rule_for(self.weight.dtype)  # how S reaches the weight
         folding.register(self)  # folded after each optimizer step that updates S
+
+    def _check_bases(self, bases: SharedBases) -> None:
+        for name, d in (("U", self.in_features), ("V", self.out_features)):
+            shape = tuple(getattr(bases, name).shape)
+            if shape != (d, d):
+                raise ValueError(f"basis {name} has shape {shape} but this {self.in_features}->{self.out_features} "
+                                 f"layer needs ({d}, {d}); the bases were computed for another model or layer")
+
+    @property
+    def U(self) -> torch.Tensor:
+        return self.bases.U
+
+    @property
+    def V(self) -> torch.Tensor:
+        return self.bases.V
 
     @classmethod
     def from_linear(cls, module: nn.Module, *, k: int, mode: str | None = None, **kwargs) -> SparseLinear:
@@ -137,8 +119,7 @@ class SparseGradLinear(SparseLinear):
         folding.register(self)
 
     def _apply(self, fn, recurse=True):
-        # the bases stay shared between layers; they and S stay at least float32
-        bases = {name: self._buffers.pop(name) for name in ("U", "V") if self._buffers.get(name) is not None}
+        # S stays at least float32 (and so do the bases: SharedBases._apply)
         kept = {name: t for name, t in (*self._parameters.items(), *self._buffers.items())
                 if name in self._master and t is not None}
         for name in kept:
@@ -146,14 +127,12 @@ class SparseGradLinear(SparseLinear):
         try:
             result = super()._apply(fn, recurse)
         finally:
-            for name, basis in bases.items():
-                self._buffers[name] = _convert_shared(basis, fn)
             for name, t in kept.items():
                 if isinstance(t, nn.Parameter):
-                    t.data = _keep_precision(fn, t.data)
+                    t.data = keep_precision(fn, t.data)
                     self._parameters[name] = t
                 else:
-                    self._buffers[name] = _keep_precision(fn, t)
+                    self._buffers[name] = keep_precision(fn, t)
         low = self.weight.dtype in LOW_PRECISION
         if low and self.w0_index is None:  # narrowed: from here on W_0 is what the weight gives back
             self.w0_index = torch.zeros(0, dtype=self._index_dtype(), device=self.weight.device)
@@ -235,16 +214,14 @@ class SparseGradLinear(SparseLinear):
 
     @torch.no_grad()
     def load_trained(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
-                     U: torch.Tensor | None = None, V: torch.Tensor | None = None) -> None:
+                     bases: SharedBases | None = None) -> None:
         """Make S the given entries (an adapter's), zero elsewhere, optionally in new bases, and fold it.
         fixed: (rows, cols) become the support (k entries); dynamic: any number up to the layer size."""
         folded = not self.unfolded
         self.unfold()
-        for name, basis, d in (("U", U, self.in_features), ("V", V, self.out_features)):
-            if basis is not None:
-                if tuple(basis.shape) != (d, d):
-                    raise ValueError(f"basis {name} has shape {tuple(basis.shape)}, this layer needs ({d}, {d})")
-                self._buffers[name] = basis
+        if bases is not None:
+            self._check_bases(bases)
+            self.bases = bases
         self._set_entries(rows.long().to(self.weight.device), cols.long().to(self.weight.device),
                           values.to(self.weight.device))
         self.forget_folded()
@@ -274,11 +251,11 @@ class FixedSparseGradLinear(SparseGradLinear):
     mode = "fixed"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, k: int,
-                 U: torch.Tensor | None = None, V: torch.Tensor | None = None,
+                 U: torch.Tensor | None = None, V: torch.Tensor | None = None, bases: SharedBases | None = None,
                  support: tuple[torch.Tensor, torch.Tensor] | None = None, mode: str | None = None,
                  device=None, dtype=None, owner: nn.Linear | None = None) -> None:
-        super().__init__(in_features, out_features, bias, k=k, U=U, V=V, mode=mode, device=device, dtype=dtype,
-                         owner=owner)
+        super().__init__(in_features, out_features, bias, k=k, U=U, V=V, bases=bases, mode=mode, device=device,
+                         dtype=dtype, owner=owner)
         if support is None:
             raise ValueError("mode='fixed' needs a support (rows, cols); sparsegrad.apply chooses it from the bases' energy")
         self.register_buffer("rows", None)
@@ -449,10 +426,10 @@ class DynamicSparseGradLinear(SparseGradLinear):
     mode = "dynamic"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, k: int,
-                 U: torch.Tensor | None = None, V: torch.Tensor | None = None, mode: str | None = None,
-                 device=None, dtype=None, owner: nn.Linear | None = None) -> None:
-        super().__init__(in_features, out_features, bias, k=k, U=U, V=V, mode=mode, device=device, dtype=dtype,
-                         owner=owner)
+                 U: torch.Tensor | None = None, V: torch.Tensor | None = None, bases: SharedBases | None = None,
+                 mode: str | None = None, device=None, dtype=None, owner: nn.Linear | None = None) -> None:
+        super().__init__(in_features, out_features, bias, k=k, U=U, V=V, bases=bases, mode=mode, device=device,
+                         dtype=dtype, owner=owner)
         self.delta = nn.Parameter(torch.zeros(in_features, out_features, device=device, dtype=master_dtype(dtype)))
         self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (flat indices, values of S there) since the fold
 

@@ -2,11 +2,11 @@
 and the training loop's hooks into the converted layers (top-k timing, row statistics)."""
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from .basis import Bases
 from .layer import MODES, layer_class
+from .shared_bases import BasesPerRole
 from .sparse_linear import SparseLinear, check_k, in_out_features, master_dtype
 from .targets import Blocks, Targets, find_targets, set_submodule
 
@@ -14,21 +14,6 @@ from .targets import Blocks, Targets, find_targets, set_submodule
 def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
     """Module name -> converted layer (SparseGradLinear, or the MePropLinear baseline) of `model`."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
-
-
-class _SharedBases:
-    """Each basis converted to a device and dtype once, whatever number of layers asks for it:
-    the layers of a role then hold one tensor between them (a copy per layer would cost
-    n_blocks times the bases' memory)."""
-
-    def __init__(self) -> None:
-        self._converted: dict[tuple, torch.Tensor] = {}
-
-    def get(self, basis: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (id(basis), device, dtype)
-        if key not in self._converted:
-            self._converted[key] = basis.to(device=device, dtype=dtype).contiguous()
-        return self._converted[key]
 
 
 def layer_k(d_in: int, d_out: int, density: float | None, n_params: int | None) -> int:
@@ -91,15 +76,14 @@ def apply(
             energy = bases.energy_for(name) if mode == "fixed" else None
         plan[name] = (module, k, U, V, energy)
 
-    cls, shared = layer_class(mode), _SharedBases()
+    cls, roles = layer_class(mode), BasesPerRole()
     for name, (module, k, U, V, energy) in plan.items():
         if mode == "meprop":
             layer = cls.from_linear(module, k=k)
         else:
             device, dtype = module.weight.device, master_dtype(module.weight.dtype)  # bases of bf16 layers: float32
-            U, V = shared.get(U, device, dtype), shared.get(V, device, dtype)
             extra = {"energy": energy} if mode == "fixed" else {}
-            layer = cls.from_linear(module, k=k, U=U, V=V, **extra)
+            layer = cls.from_linear(module, k=k, bases=roles.get(U, V, device, dtype), **extra)
         set_submodule(model, name, layer)
     return model
 

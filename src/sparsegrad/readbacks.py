@@ -67,11 +67,13 @@ def to_host(t: torch.Tensor) -> list:
 
 
 class ReadBackCounter(TorchDispatchMode):
-    """A dispatch mode that counts read-backs (see `is_read_back`) by operator name while active."""
+    """A dispatch mode that counts read-backs (see `is_read_back`) by operator name while active, and every
+    operator dispatched (`operators`: on a GPU, a kernel launch or more each)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.counts: Counter[str] = Counter()
+        self.operators = 0
 
     def __enter__(self):
         _ACTIVE.append(self)
@@ -83,6 +85,7 @@ class ReadBackCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        self.operators += 1
         if is_read_back(func, args, kwargs):
             self.counts[str(func.overloadpacket)] += 1
         return func(*args, **kwargs)

@@ -32,6 +32,15 @@ def master_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
     return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
+def keep_precision(fn, t: torch.Tensor) -> torch.Tensor:
+    """fn(t) for a Module._apply conversion, never narrower than float32: the bases and the trained
+    values of a low-precision layer stay float32 (`model.to(torch.bfloat16)` included)."""
+    out = fn(t)
+    if out.dtype in LOW_PRECISION and t.dtype not in LOW_PRECISION:
+        out = t.to(device=out.device, dtype=torch.float32)
+    return out
+
+
 # ---------------------------------------------------------------- linear-like modules
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -165,8 +165,7 @@ def fold(weights: list[torch.Tensor], plan: SupportPlan, values: torch.Tensor, a
     p = p.view(L, r, -1).to(dtype)
     a_r = (a if plan.all_rows else a[plan.uniq_rows].view(L, r, m)).to(dtype)  # (r, m), or (L, r, m)
     update = a_r.transpose(-2, -1) @ p if plan.transposed else p.transpose(1, 2) @ a_r  # (L, d_out, d_in)
-    for weight, change in zip(weights, update):
-        weight.add_(change)
+    torch._foreach_add_(weights, update.unbind(0))  # one launch for all (as torch.optim's foreach steps)
 
 
 def csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:

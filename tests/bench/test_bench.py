@@ -456,6 +456,21 @@ def test_fold_7b_counts_r_and_flops():
     assert "| up_proj (32->86) | 1% (28) | dynamic, static | 32 |" in layer_bench.fold_7b_table([row])
 
 
+@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
+def test_a_role_folds_together_in_fewer_operators(mode):
+    """Folding a role's layers alone dispatches several operators per layer, together at most one more per
+    layer (the dynamic mode's index offsets); neither reads the device back."""
+    from sparsegrad.bench import layer as layer_bench
+
+    spec = {"role": "tiny", "d_in": 24, "d_out": 40, "mode": mode, "device": "cpu", "iters": 2}
+    rows = [layer_bench.measure_fold_role({**spec, "layers": n}) for n in (2, 5)]
+    assert rows[1]["alone_ops"] - rows[0]["alone_ops"] >= 3 * 4
+    assert rows[1]["together_ops"] - rows[0]["together_ops"] <= 3
+    assert rows[1]["together_ops"] < rows[1]["alone_ops"]
+    assert all(r["alone_read_backs"] == r["together_read_backs"] == 0 for r in rows)
+    assert "| tiny (24->40) | 5 |" in layer_bench.fold_role_table(rows)
+
+
 def test_gpu_bench_runs_every_setting_and_keeps_to_its_budget(tmp_path, capsys):
     """`bench gpu` end to end on tiny shapes on the CPU: every method in every setting, ratios from the same
     run, read-backs counted, a compiled row, the JSON and the results page; a spent budget runs nothing."""

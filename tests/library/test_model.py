@@ -171,6 +171,7 @@ def test_bases_stay_shared_when_the_model_moves(minilm, minilm_bases):
     layers = sparsegrad.sparse_layers(minilm)
     first, other = layers["bert.encoder.layer.0.output.dense"], layers["bert.encoder.layer.5.output.dense"]
     assert first.V.dtype == torch.float64 and first.V is other.V and first.U is other.U
+    assert first.bases is other.bases  # one SharedBases module per role
     assert "U" not in "".join(minilm.state_dict())  # bases are held by reference, not saved per layer
 
 

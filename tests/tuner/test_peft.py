@@ -10,6 +10,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import sparsegrad
+from sparsegrad import SparseGradLinear
 from sparsegrad.tuner import SparseGradConfig, SparseGradLayer
 
 
@@ -85,6 +86,8 @@ def test_saved_adapter_reloads_and_merges(tiny_llama_dir, chat_batches, trained,
 
     loaded = PeftModel.from_pretrained(_model(tiny_llama_dir), tmp_path / "adapter")
     assert torch.allclose(_logits(loaded, chat_batches[0]), expected, rtol=0, atol=1e-10)
+    held = {id(m.bases) for m in loaded.modules() if isinstance(m, SparseGradLinear)}
+    assert len(held) == 3  # one SharedBases per role (gate, up, down), loaded from the embedded rows
     merged = loaded.merge_and_unload()
     assert type(merged.model.layers[0].mlp.up_proj) is torch.nn.Linear
     assert not any(isinstance(m, SparseGradLayer) for m in merged.modules())

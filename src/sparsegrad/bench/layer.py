@@ -3,6 +3,7 @@
     sparsegrad bench layer [--tokens 2048] [--density 0.01] [--output-dir bench-results/layer]
     sparsegrad bench layer --fold        # the fold's cost: float32 in place against bfloat16 rebuilt
     sparsegrad bench layer --fold-7b     # the fold's FLOPs and time at LLaMA-2-7B MLP shapes, beside a forward
+    sparsegrad bench layer --fold-role   # a role's layers folded one by one against together
 
 Methods at equal trainable entries k = density * d_in * d_out: nn.Linear full
 fine-tuning (torch AdamW), LoRA (peft, rank k / (d_in + d_out)), MeProp, and
@@ -33,6 +34,11 @@ entries change every step, and its fold takes every row of the smaller side (r =
 that no count is read back ("r counted": the fold over only the distinct rows the step touched, whose
 count the host would have to read back each step).
 The supports come from a synthetic spectral energy (bench layer's), so r is indicative.
+
+`--fold-role` folds one step's change into every layer of one role (MiniLM's 6 up-projections, 384->1536;
+RoBERTa-base's 12, 768->3072; 1% entries, float32), each layer alone (two products and their index work
+per layer) against all together (one sparse and one batched dense product for the role), and counts the
+operators each dispatches -- on a GPU each is a kernel launch -- beside the seconds.
 """
 from __future__ import annotations
 
@@ -68,6 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--fold", action="store_true", help="time the fold in float32 and bfloat16 instead")
     p.add_argument("--fold-7b", action="store_true", help="the fold's FLOPs and time at LLaMA-2-7B MLP shapes")
+    p.add_argument("--fold-role", action="store_true", help="a role's layers folded one by one against together")
     p.add_argument("--output-dir", default="bench-results/layer")
 
 def _timed(fn, device) -> float:
@@ -329,7 +336,84 @@ def fold_7b_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+ROLES = (("MiniLM up", 384, 1536, 6), ("RoBERTa-base up", 768, 3072, 12))
+
+
+def measure_fold_role(spec: dict) -> dict:
+    """In a fresh process: one role's layers and one mode; operators and seconds of folding them alone and together."""
+    from sparsegrad.readbacks import ReadBackCounter
+    from sparsegrad.support import SupportPlan, fold, topk_support
+
+    torch.manual_seed(0)
+    dev = torch.device(spec["device"])
+    d_in, d_out, n, mode = spec["d_in"], spec["d_out"], spec["layers"], spec["mode"]
+    k = round(0.01 * d_in * d_out)
+    U, V = _orthogonal(d_in, dev), _orthogonal(d_out, dev)
+    weights = [torch.zeros(d_out, d_in, device=dev) for _ in range(n)]
+    values = [torch.randn(k, device=dev) for _ in range(n)]
+    if mode == "fixed":  # each layer its own support (the energy's rows and columns shuffled), planned once
+        energy = _spectral_energy(d_in, d_out, dev)
+        plans = [SupportPlan.build(*topk_support(energy[torch.randperm(d_in)][:, torch.randperm(d_out)], k),
+                                   d_in, d_out) for _ in range(n)]
+        stacked = SupportPlan.stack(plans)  # kept while the supports are (folding.py)
+
+        def alone():
+            for w, p, v in zip(weights, plans, values):
+                fold([w], p, v, *p.sides(U, V))
+
+        def together():
+            fold(weights, stacked, torch.cat(values), *stacked.sides(U, V))
+    else:  # a step's top-k entries per layer, planned over every row at each fold
+        flats = [torch.randperm(d_in * d_out, device=dev)[:k].sort().values for _ in range(n)]
+
+        def alone():
+            for w, f, v in zip(weights, flats, values):
+                p = SupportPlan.every_row(f, d_in, d_out)
+                fold([w], p, v, *p.sides(U, V))
+
+        def together():
+            p = SupportPlan.every_row(torch.cat([f + i * d_in * d_out for i, f in enumerate(flats)]), d_in, d_out, n)
+            fold(weights, p, torch.cat(values), *p.sides(U, V))
+    row = {key: spec[key] for key in ("role", "d_in", "d_out", "layers", "mode")} | {"k": k}
+    for name, fn in (("alone", alone), ("together", together)):
+        fn()  # warm-up
+        with ReadBackCounter() as ops:
+            fn()
+        row[f"{name}_ops"], row[f"{name}_read_backs"] = ops.operators, ops.total
+        row[f"{name}_s"] = statistics.median(_timed(fn, dev) for _ in range(spec["iters"]))
+    return row
+
+
+def run_fold_role(args: argparse.Namespace) -> list[dict]:
+    rows = []
+    for role, d_in, d_out, n in ROLES:
+        for mode in ("fixed", "dynamic"):
+            spec = {"role": role, "d_in": d_in, "d_out": d_out, "layers": n, "mode": mode, "device": args.device,
+                    "iters": args.iters}
+            rows.append(run_in_process("sparsegrad.bench.layer:measure_fold_role", spec))
+            r = rows[-1]
+            print(f"  {role} {mode}: {r['alone_ops']} -> {r['together_ops']} operators", file=sys.stderr, flush=True)
+    return rows
+
+
+def fold_role_table(rows: list[dict]) -> str:
+    lines = ["| role | layers | mode | operators alone | operators together | s alone | s together | x faster |",
+             "|---|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['role']} ({r['d_in']}->{r['d_out']}) | {r['layers']} | {r['mode']} | {r['alone_ops']} "
+                     f"| {r['together_ops']} | {r['alone_s'] * 1e3:.1f} ms | {r['together_s'] * 1e3:.1f} ms "
+                     f"| {r['alone_s'] / r['together_s']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.fold_role:
+        rows = run_fold_role(args)
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out / "fold-role.json", {"meta": machine(args.device) | {"iters": args.iters}, "rows": rows})
+        print(fold_role_table(rows))
+        return 0
     if args.fold_7b:
         rows = run_fold_7b(args)
         out = Path(args.output_dir)

@@ -3,8 +3,8 @@
     sparsegrad bench report --results docs/results --output docs/results.md
     sparsegrad bench report --results docs/results --glue-runs docs/results/glue --compaction
 
-Reads from --results: speed-*.json (bench speed), gpu/gpu-*.json (bench gpu), fold.json and fold-7b.json
-(bench layer --fold, --fold-7b), llm-*.json (bench llm), sharded-*.json (bench sharded), bases.json (bench bases), glue/glue.json (bench glue), chat/chat.json (bench chat),
+Reads from --results: speed-*.json (bench speed), gpu/gpu-*.json (bench gpu), fold.json, fold-7b.json and
+fold-role.json (bench layer --fold, --fold-7b, --fold-role), llm-*.json (bench llm), sharded-*.json (bench sharded), bases.json (bench bases), glue/glue.json (bench glue), chat/chat.json (bench chat),
 adapter.json (bench adapter), compaction.json and row_share.json (written here). --glue-runs extracts the
 per-step share of non-zero output-gradient rows of the SparseGrad runs (Fig. 3) into
 row_share.json; --compaction computes Fig. 2's data (one real MiniLM layer's gradient in the
@@ -311,7 +311,7 @@ def _sharded_section(results: Path) -> list[str]:
     return lines
 
 
-def _fold_section(fold: dict | None, fold_7b: dict | None) -> list[str]:
+def _fold_section(fold: dict | None, fold_7b: dict | None, fold_role: dict | None) -> list[str]:
     from . import layer as layer_bench
 
     lines = []
@@ -325,6 +325,11 @@ def _fold_section(fold: dict | None, fold_7b: dict | None) -> list[str]:
         lines += ["## The fold at LLaMA-2-7B shapes", "", doc_paragraph(layer_bench, 5)
                   + f" Times: one fold on {m['device']} ({m.get('threads', '?')} threads).", "",
                   layer_bench.fold_7b_table(fold_7b["rows"]), ""]
+    if fold_role:
+        m = fold_role["meta"]
+        lines += ["## A role's layers folded together", "", doc_paragraph(layer_bench, 6)
+                  + f" Median of {m['iters']} folds on {m['device']} ({m.get('threads', '?')} threads).", "",
+                  layer_bench.fold_role_table(fold_role["rows"]), ""]
     return lines
 
 
@@ -362,7 +367,8 @@ def build(results: Path, output: Path) -> str:
     lines += _targets_section(speeds, _load(results / "bases.json"))
     lines += _speed_section(speeds, results, link)
     lines += _gpu_section(results)
-    lines += _fold_section(_load(results / "fold.json"), _load(results / "fold-7b.json"))
+    lines += _fold_section(_load(results / "fold.json"), _load(results / "fold-7b.json"),
+                           _load(results / "fold-role.json"))
     lines += _llm_section(results)
     lines += _sharded_section(results)
     lines += _bases_section(_load(results / "bases.json"))

@@ -17,9 +17,9 @@ from torch import nn
 
 from ..adapter import entry_tensors
 from ..layer import SparseGradLinear, layer_class
+from ..shared_bases import SharedBases
 
 ENTRY_KEYS = ("rows", "cols", "values")  # saved per layer as sparsegrad_<key>
-BASIS_KEYS = ("U", "V")  # attached per layer on load as sparsegrad_<key> (the role's tensor)
 
 
 class SparseGradLayer(nn.Module, BaseTunerLayer):
@@ -37,15 +37,15 @@ class SparseGradLayer(nn.Module, BaseTunerLayer):
         self.update_layer(adapter_name, **kwargs)
 
     # ------------------------------------------------------------------ adapters
-    def update_layer(self, adapter_name: str, *, k: int, mode: str, U: torch.Tensor, V: torch.Tensor,
+    def update_layer(self, adapter_name: str, *, k: int, mode: str, bases: SharedBases,
                      support=None, energy: torch.Tensor | None = None, placeholder: bool = False) -> None:
-        """Add an adapter: S of `mode` with k entries in the bases (U, V), held by reference.
+        """Add an adapter: S of `mode` with k entries in its role's `bases`.
         placeholder: the bases are zeros waiting for an adapter's saved entries (or the Trainer callback)."""
         extra = {"support": support, "energy": energy} if mode == "fixed" else {}
-        inner = layer_class(mode).from_linear(self.base_layer, k=k, U=U, V=V, borrow=True, **extra)
+        inner = layer_class(mode).from_linear(self.base_layer, k=k, bases=bases, borrow=True, **extra)
         inner.unfold()
         inner.placeholder = placeholder
-        inner.partial_bases = False  # loaded with only the basis rows its entries use (see _load_from_state_dict)
+        inner.partial_bases = False  # loaded with only the basis rows its entries use (see model.py)
         self.sparsegrad_layer[adapter_name] = inner
         self.set_adapter(self.active_adapters)
 
@@ -82,7 +82,7 @@ class SparseGradLayer(nn.Module, BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self._place()
 
-    def set_bases(self, adapter_name: str, U: torch.Tensor, V: torch.Tensor, support=None) -> None:
+    def set_bases(self, adapter_name: str, bases: SharedBases, support=None) -> None:
         """Give an adapter its whole bases. A placeholder also gets its support (fixed) and S stays zero;
         a loaded adapter keeps its entries, and the bases must hold the very rows it was loaded with."""
         inner = self.sparsegrad_layer[adapter_name]
@@ -92,11 +92,12 @@ class SparseGradLayer(nn.Module, BaseTunerLayer):
         else:
             rows, cols, values = inner.trained_entries()
             values = values.clone()
-            for side, basis, index in (("U", U, rows), ("V", V, cols)):
-                if not torch.equal(basis.index_select(0, index), getattr(inner, side).index_select(0, index)):
+            for side, index in (("U", rows), ("V", cols)):
+                basis, held = getattr(bases, side), getattr(inner, side)
+                if not torch.equal(basis.index_select(0, index), held.index_select(0, index)):
                     raise ValueError(f"these bases are not the ones the adapter {adapter_name!r} was trained with "
                                      f"(rows of {side} differ)")
-        inner.load_trained(rows, cols, values, U=U, V=V)
+        inner.load_trained(rows, cols, values, bases=bases)
         inner.placeholder = inner.partial_bases = False
 
     # ------------------------------------------------------------------ merge
@@ -153,17 +154,13 @@ class SparseGradLayer(nn.Module, BaseTunerLayer):
                               error_msgs) -> None:
         self._loaded = []
         for name, inner in self.sparsegrad_layer.items():
-            keys = {key: f"{prefix}sparsegrad_{key}.{name}" for key in ENTRY_KEYS + BASIS_KEYS}
+            keys = {key: f"{prefix}sparsegrad_{key}.{name}" for key in ENTRY_KEYS}
             if keys["values"] not in state_dict:
                 continue
-            U, V = (state_dict.get(keys[side]) for side in BASIS_KEYS)
-            if inner.placeholder and U is None:
+            if inner.placeholder:  # the tuner gives the bases first (SparseGradModel._remap_adapter_state_dict_for_load)
                 error_msgs.append(f"{prefix}: the adapter {name!r} holds entries but no bases")
                 continue
-            inner.load_trained(*(state_dict[keys[key]] for key in ENTRY_KEYS), U=U, V=V)
-            inner.placeholder = False
-            # a basis embedded as the rows the entries use has zero rows (an orthogonal one never does)
-            inner.partial_bases = bool(U is not None and (U == 0).all(dim=1).any())
+            inner.load_trained(*(state_dict[keys[key]] for key in ENTRY_KEYS))
             self._loaded.append(f"{prefix}sparsegrad_layer.{name}.")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)

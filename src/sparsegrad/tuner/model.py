@@ -1,7 +1,7 @@
 """SparseGradModel: the peft tuner that puts SparseGradLayer on the MLP linears.
 
-The bases are shared by all layers of a role and held once: each layer references the same
-tensors (as peft's VeRA shares its projections). An adapter folder holds, besides peft's
+The bases are shared by all layers of a role and held once, in one SharedBases module that each of
+them holds (as peft's VeRA shares its projections). An adapter folder holds, besides peft's
 ``adapter_config.json``:
 
     base_model.model.<layer>.sparsegrad_{rows,cols,values}     S's trained entries, per layer
@@ -18,12 +18,13 @@ from torch import nn
 
 from ..adapter import basis_group_of, basis_groups, basis_rows, full_basis
 from ..basis import Bases, compute_bases
-from ..model import _SharedBases, layer_k
+from ..model import layer_k
+from ..shared_bases import BasesPerRole, SharedBases
 from ..sparse_linear import check_plain_weight, master_dtype
 from ..support import topk_support
 from ..targets import DEFAULT_TARGETS, find_targets
 from .config import SparseGradConfig
-from .layer import BASIS_KEYS, ENTRY_KEYS, SparseGradLayer, sparsegrad_linears
+from .layer import ENTRY_KEYS, SparseGradLayer, sparsegrad_linears
 
 PEFT_PREFIX = "base_model.model."  # of every adapter key in a saved adapter
 BASES_PREFIX = "base_model.sparsegrad_basis."
@@ -50,7 +51,7 @@ class SparseGradModel(BaseTuner):
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         # While the adapter's layers are built: its bases (None: zeros until an adapter's saved rows
-        # arrive), converted once per device and dtype, and the zero placeholders.
+        # arrive), one SharedBases per role, device and dtype, and the zero placeholders.
         config = self.peft_config[adapter_name]
         bases = None
         if isinstance(config.bases, str) and not _is_file(config.bases):
@@ -60,7 +61,7 @@ class SparseGradModel(BaseTuner):
             # an adapter being loaded carries the basis rows it uses: the file is not needed
         else:
             bases = config.resolve_bases()
-        self._building = (bases, _SharedBases(), {})
+        self._building = (bases, BasesPerRole(), {})
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
         finally:
@@ -84,16 +85,17 @@ class SparseGradModel(BaseTuner):
             self._replace_module(parent, target_name, layer, target)
 
     def _layer_parts(self, config: SparseGradConfig, key: str, base: nn.Linear, k: int) -> dict:
-        bases, shared, zeros = self._building
+        bases, roles, zeros = self._building
         device, dtype = base.weight.device, master_dtype(base.weight.dtype)
         d_in, d_out = base.in_features, base.out_features
         if bases is None:  # placeholders: zero bases, the first k entries as a support
-            U, V = (zeros.setdefault((d, device, dtype), torch.zeros(d, d, device=device, dtype=dtype))
-                    for d in (d_in, d_out))
+            held = zeros.get((d_in, d_out, device, dtype))
+            if held is None:
+                held = zeros[d_in, d_out, device, dtype] = SharedBases(
+                    torch.zeros(d_in, d_in), torch.zeros(d_out, d_out), device=device, dtype=dtype)
             flat = torch.arange(k, device=device)
-            return {"U": U, "V": V, "support": (flat // d_out, flat % d_out), "placeholder": True}
-        U, V = (shared.get(b, device, dtype) for b in bases.for_layer(key))
-        parts = {"U": U, "V": V}
+            return {"bases": held, "support": (flat // d_out, flat % d_out), "placeholder": True}
+        parts = {"bases": roles.get(*bases.for_layer(key), device, dtype)}
         if config.mode == "fixed":
             parts["energy"] = bases.energy_for(key)
         return parts
@@ -144,9 +146,11 @@ class SparseGradModel(BaseTuner):
                 raise ValueError("this SparseGrad adapter holds no basis rows and its config names no bases file: "
                                  "pass bases='<bases file>' to SparseGradConfig.from_pretrained, or save the "
                                  "adapter with embed_bases=True")
-            if key not in converted:  # one tensor per basis, shared by its layers
-                converted[key] = tuple(b.to(layer.U.device, layer.U.dtype).contiguous() for b in pair)
-            out |= dict(zip((f"{name}.sparsegrad_{side}.{adapter_name}" for side in BASIS_KEYS), converted[key]))
+            if key not in converted:  # one SharedBases per role
+                converted[key] = SharedBases(*pair, device=layer.U.device, dtype=layer.U.dtype)
+            layer.load_trained(*layer.trained_entries(), bases=converted[key])  # S kept, in the loaded bases
+            layer.placeholder = False
+            layer.partial_bases = bool(embedded and bases is None)  # only the rows the entries use
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict) | out
 
 
@@ -172,13 +176,13 @@ def _model_key(name: str) -> str:
 def fill_bases(model: nn.Module, bases: Bases, adapter_name: str = "default") -> None:
     """Give the adapter's layers their whole bases: those waiting for them also their support (fixed;
     S stays zero), those loaded with only the rows their entries use keep their entries."""
-    shared = _SharedBases()
+    roles = BasesPerRole()
     for name, inner in sparsegrad_linears(model, adapter_name).items():
         key = _model_key(name)
-        U, V = (shared.get(b, inner.U.device, inner.U.dtype) for b in bases.for_layer(key))
+        held = roles.get(*bases.for_layer(key), inner.U.device, inner.U.dtype)
         fixed_support = inner.placeholder and inner.mode == "fixed"
-        support = topk_support(bases.energy_for(key).to(U.device), inner.k) if fixed_support else None
-        model.get_submodule(name).set_bases(adapter_name, U, V, support)
+        support = topk_support(bases.energy_for(key).to(held.U.device), inner.k) if fixed_support else None
+        model.get_submodule(name).set_bases(adapter_name, held, support)
 
 
 def compute_adapter_bases(model: nn.Module, batches, n_steps: int, adapter_name: str = "default",
