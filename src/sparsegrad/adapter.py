@@ -63,13 +63,9 @@ def basis_rows(layers: list[SparseGradLinear]) -> dict[str, torch.Tensor]:
 def basis_groups(layers: dict[str, SparseGradLinear]) -> dict[str, list[SparseGradLinear]]:
     """The layers grouped by the bases they hold, each group named by its role when the role's
     layers share one pair (the paper's grouping), else by the layer's own name."""
-    by_pair: dict[tuple[int, int], list[str]] = {}
+    pairs_of_role: dict[str, set] = {}  # role -> the SharedBases its layers hold
     for name, layer in layers.items():
-        by_pair.setdefault((id(layer.U), id(layer.V)), []).append(name)
-    pairs_of_role: dict[str, set] = {}
-    for pair, names in by_pair.items():
-        for name in names:
-            pairs_of_role.setdefault(role_of(name), set()).add(pair)
+        pairs_of_role.setdefault(role_of(name), set()).add(layer.bases)
     groups: dict[str, list[SparseGradLinear]] = {}
     for name, layer in layers.items():
         role = role_of(name)

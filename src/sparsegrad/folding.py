@@ -127,7 +127,7 @@ class InPlace(FoldRule):
         for layer in layers:
             change = layer.take_change(check)
             if change is not None:
-                key = (id(layer.U), id(layer.V), layer.mode, layer.weight.dtype, change.plan and change.plan.transposed)
+                key = (layer.bases, layer.mode, layer.weight.dtype, change.plan and change.plan.transposed)
                 roles.setdefault(key, []).append((layer, change))
         for members in roles.values():
             first = members[0][0]

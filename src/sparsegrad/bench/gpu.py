@@ -137,7 +137,8 @@ def measure(spec: dict) -> dict:
         with ReadBackCounter() as counter:
             for _ in range(counted):
                 step()
-        read_backs = {"per_step": counter.total / counted, "ops": dict(counter.counts)}
+        read_backs = {"per_step": counter.total / counted, "ops": dict(counter.counts),
+                      "operators_per_step": counter.operators / counted}
         if spec.get("profile"):
             from .speed import write_profile
 
@@ -254,9 +255,11 @@ def _x(v) -> str:
 
 def markdown(result: dict) -> str:
     lines = [("| setting | method | compiled | steps/s | x LoRA | x FT | peak MB | peak x LoRA | read-backs/step "
-              "| x eager |"), "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| operators/step | x eager |"), "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         reads = f"{r['read_backs']['per_step']:.1f}" if r.get("read_backs") else ""
+        operators = r["read_backs"].get("operators_per_step") if r.get("read_backs") else None
+        reads += f" | {operators:,.0f}" if operators is not None else " | "
         lines.append(f"| {r['setting']} ({r['model']}, batch {r['batch_size']}, seq {r['seq']}) | {r['method']} "
                      f"| {'yes' if r['compile'] else 'no'} | {r['steps_per_s']:.2f} | {_x(r['speed_vs_lora'])} "
                      f"| {_x(r['speed_vs_ft'])} | {r['peak_bytes'] / 2**20:,.0f} | {_x(r['peak_vs_lora'])} | {reads} "
