@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.autograd.profiler import record_function
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from . import support
 from .sparse_linear import LOW_PRECISION
@@ -41,25 +41,40 @@ from .support import SupportPlan
 
 _LAYERS: weakref.WeakValueDictionary[int, nn.Module] = weakref.WeakValueDictionary()
 _SERIAL = itertools.count()
-_HOOK = None
+_HOOKS = None
 
 
 def register(layer: nn.Module) -> None:
-    """Fold `layer` after every optimizer step that updates its S (called by the layer's constructor).
-    Layers fold in the order they were built: the same on every rank, as the sharded fold's collectives need."""
-    global _HOOK
+    """Fold `layer` after every optimizer step that updates its S, and cut its gradient before it where it
+    was left whole (called by the layer's constructor). Layers go in the order they were built: the same
+    on every rank, as the sharded fold's and top-k's collectives need."""
+    global _HOOKS
     _LAYERS[next(_SERIAL)] = layer
-    if _HOOK is None:
-        _HOOK = register_optimizer_step_post_hook(_after_step)
+    if _HOOKS is None:
+        _HOOKS = register_optimizer_step_pre_hook(_before_step), register_optimizer_step_post_hook(_after_step)
+
+
+def _stepped(optimizer: torch.optim.Optimizer) -> list[nn.Module]:
+    """The layers, in build order, whose S this optimizer holds and that have a gradient."""
+    if not _LAYERS:  # every SparseGrad layer is gone
+        return []
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    return [layer for _, layer in sorted(_LAYERS.items()) if id(layer.trainable) in held
+            and layer.trainable.grad is not None]
+
+
+def _before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    # A dynamic layer that leaves its gradient whole (deferred top-k: summed over micro-batches, reduced
+    # over ranks) and that no one cut (sparsegrad.sparsify_gradients, SparseGradCallback): its top-k now,
+    # so that no optimizer ever trains every entry of S.
+    for layer in _stepped(optimizer):
+        if layer.gradient_left_whole():
+            layer.sparsify_grad()
 
 
 def _after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    if not _LAYERS:  # every SparseGrad layer is gone: nothing to fold
-        return
-    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     # a parameter without a gradient did not move: nothing to read on the device to know what to fold
-    moved = [layer for _, layer in sorted(_LAYERS.items()) if id(layer.trainable) in held
-             and layer.trainable.grad is not None]
+    moved = _stepped(optimizer)
     if moved:
         fold_layers(moved, check=False)
 

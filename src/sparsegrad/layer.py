@@ -129,7 +129,11 @@ class SparseGradLinear(SparseLinear):
         finally:
             for name, t in kept.items():
                 if isinstance(t, nn.Parameter):
-                    t.data = keep_precision(fn, t.data)
+                    converted = keep_precision(fn, t.data)
+                    if converted.is_meta != t.is_meta:  # to or from "meta": a new parameter, as nn.Module gives
+                        t = nn.Parameter(converted, requires_grad=t.requires_grad)
+                    else:
+                        t.data = converted
                     self._parameters[name] = t
                 else:
                     self._buffers[name] = keep_precision(fn, t)
@@ -162,6 +166,10 @@ class SparseGradLinear(SparseLinear):
     def trained_plan(self) -> tuple[SupportPlan, torch.Tensor] | None:
         """(plan, values) of every trained entry of S, or None when S is zero."""
         raise NotImplementedError
+
+    def gradient_left_whole(self) -> bool:
+        """Does S hold a deferred gradient not yet cut to its top-k (see folding._before_step)?"""
+        return False
 
     def delta_weight(self) -> torch.Tensor:
         """U^T S V in weight orientation (d_out, d_in), float32: what S adds to the pretrained weight."""
@@ -515,6 +523,10 @@ class DynamicSparseGradLinear(SparseGradLinear):
         flat = torch.topk(full.reshape(-1).abs(), self.k, sorted=False).indices.sort().values
         self._pending.append((flat, self.delta.detach().reshape(-1)[flat]))
         return sparse_entries(flat, full.reshape(-1)[flat].to(self.delta.dtype), full.shape)
+
+    def gradient_left_whole(self) -> bool:
+        grad = self.delta.grad  # cut: a sparse gradient, or (sharded) its entries recorded as pending
+        return grad is not None and not self.topk_in_backward and not grad.is_sparse and not self._pending
 
     @torch.no_grad()
     def sparsify_grad(self) -> None:

@@ -87,8 +87,8 @@ def _matcher(targets: Targets, model: nn.Module):
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGETS:
             raise ValueError(
-                f"sparsegrad has no default MLP targets for model_type={model_type!r}; "
-                f"pass targets=[...] with the names of the MLP linear layers "
+                f"sparsegrad has no default MLP targets for model_type={model_type!r}; name the MLP linear "
+                f"layers: targets=[...] (SparseGradConfig: target_modules=[...]; the command line: --targets) "
                 f"(known types: {', '.join(sorted(DEFAULT_TARGETS))})"
             )
         targets = DEFAULT_TARGETS[model_type]

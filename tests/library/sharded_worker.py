@@ -1,7 +1,7 @@
 """A torchrun worker: a tiny LLaMA decoder converted by sparsegrad.apply, sharded over the processes
 (or not, with one), trained 3 steps on a fixed global batch of 8; rank 0 saves the whole trained state
 and the weights an unsharded copy of the model folds the same trained S into.
-    torchrun --nproc-per-node N sharded_worker.py MODE DTYPE OUT [torch-adamw]"""
+    torchrun --nproc-per-node N sharded_worker.py MODE DTYPE OUT [torch-adamw] [no-sparsify]"""
 import gc
 import sys
 
@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import sparsegrad
 from sparsegrad.sharding import full_state_dict, load_full_state_dict
 
-mode, dtype, out = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3]
+mode, dtype, out, flags = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3], sys.argv[4:]
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 
@@ -31,7 +31,7 @@ def converted_model():
 model = converted_model()
 if world > 1:
     sparsegrad.shard(model)
-if len(sys.argv) > 4:  # torch's own optimizer: S is folded after its steps all the same (folding.py)
+if "torch-adamw" in flags:  # torch's own optimizer: S is folded after its steps all the same (folding.py)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 else:
     opt = sparsegrad.optimizer(model, lr=1e-2)
@@ -39,7 +39,8 @@ per = 8 // world
 for step in range(3):
     x = torch.randint(0, 100, (8, 12), generator=torch.Generator().manual_seed(10 + step))[rank * per:(rank + 1) * per]
     model(input_ids=x, labels=x).loss.backward()
-    sparsegrad.sparsify_gradients(model)
+    if "no-sparsify" not in flags:  # without, the optimizer step cuts the top-k all the same (folding.py)
+        sparsegrad.sparsify_gradients(model)
     sparsegrad.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad()

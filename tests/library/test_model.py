@@ -128,7 +128,7 @@ def test_unknown_architecture_needs_targets():
             super().__init__()
             self.fc = nn.Linear(4, 4)
 
-    with pytest.raises(ValueError, match="no default MLP targets.*pass targets"):
+    with pytest.raises(ValueError, match=r"no default MLP targets.*targets=\[\.\.\.\]"):
         sparsegrad.apply(Tiny(), None, mode="meprop")
     model = sparsegrad.apply(Tiny(), None, mode="meprop", targets=["fc"], n_params=3)
     assert isinstance(model.fc, sparsegrad.MePropLinear)  # the baseline, converted by the same apply
@@ -173,6 +173,16 @@ def test_bases_stay_shared_when_the_model_moves(minilm, minilm_bases):
     assert first.V.dtype == torch.float64 and first.V is other.V and first.U is other.U
     assert first.bases is other.bases  # one SharedBases module per role
     assert "U" not in "".join(minilm.state_dict())  # bases are held by reference, not saved per layer
+
+
+@pytest.mark.parametrize("mode", ["fixed", "dynamic", "meprop"])
+def test_a_converted_model_moves_to_meta(minilm, minilm_bases, mode):
+    """model.to("meta") (to measure or to rebuild a model without memory) reaches every tensor of the layers."""
+    sparsegrad.apply(minilm, minilm_bases, density=0.01, mode=mode)
+    minilm.to("meta")
+    assert all(t.is_meta for t in (*minilm.parameters(), *minilm.buffers()))
+    layer = next(iter(sparsegrad.sparse_layers(minilm).values()))
+    assert layer.trainable.requires_grad and any(p is layer.trainable for p in layer.parameters())
 
 
 def _storages(tensors) -> int:

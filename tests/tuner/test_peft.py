@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
 import sparsegrad
 from sparsegrad import SparseGradLinear
@@ -166,6 +166,12 @@ def test_clear_errors(tiny_llama_dir, chat_batches, bases):
         get_peft_model(_model(tiny_llama_dir), SparseGradConfig(bases=no_energy))
     with pytest.raises(ValueError, match="match no linear layer"):
         get_peft_model(_model(tiny_llama_dir), SparseGradConfig(bases=bases, target_modules=["nothing_here"]))
+    with pytest.raises(ValueError, match=r"already holds peft adapters .*get_base_model"):
+        get_peft_model(get_peft_model(_model(tiny_llama_dir), SparseGradConfig(bases=bases)),
+                       SparseGradConfig(bases=bases))
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=50, hidden_size=16, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match=r"no default MLP targets for model_type='bloom'.*target_modules=\[\.\.\.\]"):
+        get_peft_model(bloom, SparseGradConfig(density=0.1))
 
 
 def test_two_adapters_switch(tiny_llama_dir, chat_batches, bases):

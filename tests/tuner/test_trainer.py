@@ -114,3 +114,29 @@ def test_trainer_with_a_model_converted_by_apply(tiny_llama_dir, chat_data, tiny
     for layer in sparsegrad.sparse_layers(model).values():
         assert not layer.topk_in_backward  # deferred: cut once per step, by the callback
         assert 0 < int(layer.delta.count_nonzero()) <= 4 * layer.k
+
+
+def test_dynamic_in_the_trainer_needs_a_sparse_optimizer_and_says_which(tiny_llama_dir, chat_data, tmp_path):
+    """The Trainer's default optimizer cannot take the dynamic mode's sparse gradients: the callback says
+    which optimizer to pass before any step, instead of torch's advice to use SparseAdam."""
+    trainer = _trainer(tiny_llama_dir, chat_data, tmp_path, "dynamic")
+    trainer.optimizer = None  # the Trainer builds its default AdamW
+    with pytest.raises(ValueError, match=r"optimizers=\(sparsegrad.optimizer\(model, lr=.*\), None\)"):
+        trainer.train()
+
+
+def test_dynamic_adapter_trains_in_the_trainer_without_the_callback(tiny_llama_dir, chat_data, tiny_bases, tmp_path):
+    """With its bases given and sparsegrad.optimizer but no callback: the Trainer clips the complete gradient
+    (dense: the adapter cuts its top-k only at the step) and the step keeps k entries per layer."""
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir),
+                           SparseGradConfig(bases=tiny_bases, density=0.1, mode="dynamic"))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8,
+                             learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=chat_data, data_collator=Collator(tok),
+                      optimizers=(sparsegrad.optimizer(model, lr=1e-2), None))
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    layers = [m for m in model.modules() if isinstance(m, sparsegrad.SparseGradLinear)]
+    assert layers and all(0 < int(m.delta.count_nonzero()) <= 4 * m.k for m in layers)

@@ -43,6 +43,9 @@ class SparseGradLayer(nn.Module, BaseTunerLayer):
         placeholder: the bases are zeros waiting for an adapter's saved entries (or the Trainer callback)."""
         extra = {"support": support, "energy": energy} if mode == "fixed" else {}
         inner = layer_class(mode).from_linear(self.base_layer, k=k, bases=bases, borrow=True, **extra)
+        # dynamic: the gradient stays whole through backward (the Trainer clips it, accumulation sums it) and
+        # is cut to its top-k at the optimizer step (SparseGradCallback, or the step itself: folding.py)
+        inner.topk_in_backward = False
         inner.unfold()
         inner.placeholder = placeholder
         inner.partial_bases = False  # loaded with only the basis rows its entries use (see model.py)

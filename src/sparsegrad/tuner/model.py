@@ -42,6 +42,10 @@ class SparseGradModel(BaseTuner):
     target_module_mapping = DEFAULT_TARGETS
 
     def _prepare_adapter_config(self, config: SparseGradConfig, model_config: dict) -> SparseGradConfig:
+        if any(isinstance(m, BaseTuner) for m in self.model.modules()):  # a PeftModel wrapped again
+            raise ValueError("this model already holds peft adapters (a PeftModel): add a SparseGrad adapter with "
+                             "model.add_adapter(name, SparseGradConfig(...)), or get_peft_model on the base model "
+                             "(model.get_base_model())")
         found = find_targets(self.model, config.target_modules, blocks=config.blocks)  # clear errors first
         if config.blocks is not None:
             config.target_modules = list(found)

@@ -19,9 +19,11 @@ so sees the complete gradient). The sparse gradient then needs a sparse-aware op
 """
 from __future__ import annotations
 
+import torch
 from transformers import TrainerCallback
 
 from ..basis import Bases
+from ..layer import DynamicSparseGradLinear
 from ..model import defer_topk, sparse_layers, sparsify_gradients
 from .layer import SparseGradLayer
 from .model import compute_adapter_bases, fill_bases
@@ -43,11 +45,16 @@ class SparseGradCallback(TrainerCallback):
         self.n_steps, self.adapter_name, self.bases_file = n_steps, adapter_name, bases_file
         self.bases_kwargs = {"progress": False} | bases_kwargs
 
-    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, optimizer=None, **kwargs):
         layers = [m.sparsegrad_layer[self.adapter_name] for m in model.modules() if isinstance(m, SparseGradLayer)]
         if not layers and not sparse_layers(model):
             raise ValueError("SparseGradCallback: the Trainer's model holds no SparseGrad layer: wrap it with "
                              "get_peft_model(model, SparseGradConfig(...)) (or sparsegrad.apply) first")
+        dynamic = [m for m in model.modules() if isinstance(m, DynamicSparseGradLinear) and m.trainable.requires_grad]
+        if optimizer is not None and any(not _takes_sparse_gradients(optimizer, m.trainable) for m in dynamic):
+            raise ValueError("the dynamic mode's gradients are sparse and the Trainer's optimizer takes dense ones: "
+                             f"pass Trainer(..., optimizers=(sparsegrad.optimizer(model, lr={args.learning_rate:g}), "
+                             "None))")
         if any(inner.placeholder for inner in layers):  # a fresh adapter: the preliminary phase
             bases = compute_adapter_bases(model, train_dataloader, self.n_steps, self.adapter_name,
                                           **self.bases_kwargs)
@@ -62,3 +69,12 @@ class SparseGradCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         sparsify_gradients(model)  # dynamic: the top-k of the complete gradient; fixed: nothing to cut
+
+
+def _takes_sparse_gradients(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:
+    """Does `optimizer` update `param` lazily from a sparse gradient (a lazy group of sparsegrad.optimizer,
+    torch's SparseAdam)?"""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the optimizer
+    if isinstance(inner, torch.optim.SparseAdam):
+        return True
+    return any(group.get("lazy") and any(p is param for p in group["params"]) for group in inner.param_groups)
