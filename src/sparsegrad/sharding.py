@@ -4,7 +4,7 @@
     sparsegrad.shard(model)                          # each transformer block, then the root
     opt = sparsegrad.optimizer(model, lr=1e-4)       # after sharding: it holds this rank's shards
     loss.backward()
-    sparsegrad.sparsify_gradients(model)             # dynamic / meprop: the global top-k
+    sparsegrad.sparsify_gradients(model)             # meprop: the global top-k (dynamic: the step cuts it too)
     opt.step(); opt.zero_grad()                      # the step's change of S is folded right after (folding.py)
 
 Every process holds 1/N of each weight (rows of W, d_out), frozen or not, and 1/N of S's trained
