@@ -240,15 +240,6 @@ class SparseGradLinear(SparseLinear):
         raise NotImplementedError
 
 
-def _lookup(sorted_keys: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, missing: float) -> torch.Tensor:
-    """values[i] where sorted_keys[i] == key, for each key; `missing` where no key matches."""
-    pos = torch.searchsorted(sorted_keys, keys).clamp_(max=max(sorted_keys.numel() - 1, 0))
-    found = sorted_keys[pos] == keys if sorted_keys.numel() else torch.zeros_like(keys, dtype=torch.bool)
-    out = torch.full(keys.shape, missing, dtype=values.dtype, device=values.device)
-    out[found] = values[pos[found]]
-    return out
-
-
 class FixedSparseGradLinear(SparseGradLinear):
     """S trains on a fixed support of k entries (rows, cols), chosen from the preliminary phase's energy.
 
@@ -271,7 +262,7 @@ class FixedSparseGradLinear(SparseGradLinear):
         self._order_support(*support)
         self.values = nn.Parameter(torch.zeros(k, device=self.rows.device, dtype=master_dtype(self.weight.dtype)))
         self.register_buffer("_merged", torch.zeros_like(self.values.data))  # values folded
-        # entries of S that left the support at a refresh (refresh_support): still folded in the weight and
+        # entries of S that left the support at a refresh (refresh.py): still folded in the weight and
         # saved in the adapter, no longer trained; None (not in the state dict) until a refresh makes some
         for name in ("frozen_rows", "frozen_cols", "frozen_values"):
             self.register_buffer(name, None)
@@ -337,43 +328,26 @@ class FixedSparseGradLinear(SparseGradLinear):
         return (torch.cat((self.rows.long(), self.frozen_rows.long())),
                 torch.cat((self.cols.long(), self.frozen_cols.long())), torch.cat((values, self.frozen_values)))
 
-    # ------------------------------------------------------------------ the support refresh
+    # ------------------------------------------------------------------ the support refresh (refresh.py)
     def record_energy(self, on: bool = True) -> None:
         """Start (or stop and drop) summing the energy of the transformed gradient, (U G V^T)^2 over the
-        coming backward passes: what refresh_support chooses the next support from."""
+        coming backward passes: what sparsegrad.refresh.refresh_support chooses the next support from."""
         self.energy = torch.zeros(self.in_features, self.out_features, dtype=torch.float32,
                                   device=self.weight.device) if on else None
 
     @torch.no_grad()
-    def refresh_support(self) -> torch.Tensor:
-        """Make the k entries of largest recorded energy the support (the bases are kept), and stop recording.
-
-        S itself does not change, so neither does the weight: an entry that stays keeps its value, one that
-        leaves keeps its value in the frozen part (folded, saved in the adapter, no longer trained), one that
-        joins starts from its frozen value or zero. Returns, per new support position, the old position of the
-        entry there or -1: what an optimizer's state is carried by (see sparsegrad.refresh)."""
-        if self.energy is None:
-            raise RuntimeError("refresh_support chooses from the recorded gradient energy: call record_energy() "
-                               "and run some backward passes first")
-        if self.sharded or self.weight.dtype in LOW_PRECISION:
-            raise NotImplementedError("the support refresh runs on float32 / float64 weights, unsharded")
-        self.sync()
-        d_out = self.out_features
-        old_key = self.rows.long() * d_out + self.cols.long()  # (k,) in the values' order
-        rows, cols, values = self.trained_entries()  # the whole S: support, then frozen entries
-        all_key, by_key = torch.sort(rows * d_out + cols)
-        all_values = values[by_key]
-        self._order_support(*topk_support(self.energy, self.k))
-        self.energy, self._plan = None, None
-        new_key = self.rows.long() * d_out + self.cols.long()
-        self.values.data.copy_(_lookup(all_key, all_values, new_key, 0.0))
+    def set_support(self, rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor,
+                    frozen: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Make (rows, cols) the support, holding `values`, and `frozen` (rows, cols, values) the entries of S that
+        stay folded but train no more -- S as a whole unchanged, so the weight holds it already (sparsegrad.refresh)."""
+        order = self._order_support(rows, cols)
+        self.values.data.copy_(values[order])
         self._merged.copy_(self.values.data)
-        frozen = ~torch.isin(all_key, new_key)
-        frozen_key = all_key[frozen]
-        self.frozen_rows, self.frozen_cols = (frozen_key // d_out).to(self.rows.dtype), (frozen_key % d_out).to(self.rows.dtype)
-        self.frozen_values = all_values[frozen]
-        order = torch.argsort(old_key)
-        return _lookup(old_key[order], order, new_key, -1)
+        if frozen is None:
+            self.frozen_rows = self.frozen_cols = self.frozen_values = None
+        else:
+            self.frozen_rows, self.frozen_cols = (t.to(self.rows.dtype) for t in frozen[:2])
+            self.frozen_values = frozen[2].to(self.values.dtype)
 
     def take_change(self, check=True, values: torch.Tensor | None = None):
         """values: S's (k,) values now (sharded: the whole of them, gathered); default the layer's own."""

@@ -23,6 +23,8 @@ import torch.distributed as dist
 from torch import nn
 
 from .layer import FixedSparseGradLinear
+from .sparse_linear import LOW_PRECISION
+from .support import topk_support
 
 
 class SupportRefresh:
@@ -57,10 +59,48 @@ class SupportRefresh:
             for layer in self.layers:
                 if dist.is_initialized() and dist.get_world_size() > 1:  # data parallel: every rank the same support
                     dist.all_reduce(layer.energy)
-                carry_state(self.optimizer, layer.trainable, layer.refresh_support())
+                carry_state(self.optimizer, layer.trainable, refresh_support(layer))
             self.refreshes += 1
         self._arm()
         return refreshed
+
+
+@torch.no_grad()
+def refresh_support(layer: FixedSparseGradLinear) -> torch.Tensor:
+    """Make the k entries of largest recorded energy the layer's support (the bases are kept), and stop recording.
+
+    S itself does not change, so neither does the weight: an entry that stays keeps its value, one that leaves
+    keeps its value in the frozen part (folded, saved in the adapter, no longer trained), one that joins starts
+    from its frozen value or zero. Returns, per new support position, the old position of the entry there or -1:
+    what an optimizer's state is carried by (carry_state)."""
+    if layer.energy is None:
+        raise RuntimeError("refresh_support chooses from the recorded gradient energy: call layer.record_energy() "
+                           "and run some backward passes first")
+    if layer.sharded or layer.weight.dtype in LOW_PRECISION:
+        raise NotImplementedError("the support refresh runs on float32 / float64 weights, unsharded")
+    layer.sync()
+    d_out = layer.out_features
+    old_key = layer.rows.long() * d_out + layer.cols.long()  # (k,) in the values' order
+    rows, cols, values = layer.trained_entries()  # the whole S: support, then frozen entries
+    all_key, by_key = torch.sort(rows * d_out + cols)
+    all_values = values[by_key]
+    new_rows, new_cols = topk_support(layer.energy, layer.k)
+    new_key = new_rows * d_out + new_cols
+    frozen = ~torch.isin(all_key, new_key)
+    layer.set_support(new_rows, new_cols, _lookup(all_key, all_values, new_key, 0.0),
+                      frozen=(all_key[frozen] // d_out, all_key[frozen] % d_out, all_values[frozen]))
+    layer.record_energy(False)
+    order = torch.argsort(old_key)
+    return _lookup(old_key[order], order, layer.rows.long() * d_out + layer.cols.long(), -1)
+
+
+def _lookup(sorted_keys: torch.Tensor, values: torch.Tensor, keys: torch.Tensor, missing: float) -> torch.Tensor:
+    """values[i] where sorted_keys[i] == key, for each key; `missing` where no key matches."""
+    pos = torch.searchsorted(sorted_keys, keys).clamp_(max=max(sorted_keys.numel() - 1, 0))
+    found = sorted_keys[pos] == keys if sorted_keys.numel() else torch.zeros_like(keys, dtype=torch.bool)
+    out = torch.full(keys.shape, missing, dtype=values.dtype, device=values.device)
+    out[found] = values[pos[found]]
+    return out
 
 
 @torch.no_grad()

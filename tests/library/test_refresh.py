@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from sparsegrad import SparseAdamW, SparseGradLinear, SupportRefresh, load_adapter, save_adapter
-from sparsegrad.refresh import carry_state
+from sparsegrad.refresh import carry_state, refresh_support
 
 D_IN, D_OUT, K = 12, 20, 40
 f64 = torch.float64
@@ -58,7 +58,7 @@ def test_refresh_keeps_S_and_the_weight_and_moves_the_support_to_the_energy():
     layer.record_energy()
     layer.energy.uniform_()
     energy = layer.energy.clone()
-    old_position = layer.refresh_support()
+    old_position = refresh_support(layer)
 
     new = list(zip(layer.rows.tolist(), layer.cols.tolist()))
     top = {divmod(i, D_OUT) for i in energy.flatten().topk(K).indices.tolist()}
@@ -116,7 +116,7 @@ def test_carry_state_moves_moments_and_zeroes_new_entries():
 def test_refresh_refuses_what_it_cannot_do():
     layer, _ = make_layer()
     with pytest.raises(RuntimeError, match="record_energy"):
-        layer.refresh_support()
+        refresh_support(layer)
     with pytest.raises(ValueError, match="no fixed SparseGrad layer"):
         SupportRefresh(nn.Sequential(nn.Linear(2, 2)), None, every=3)
     with pytest.raises(ValueError, match="window"):

@@ -195,6 +195,20 @@ def test_bad_inputs_are_one_clear_line(glue_dir, tmp_path, capsys):
     assert _digest(run) == before
 
 
+def test_an_output_folder_one_cannot_write_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    """A folder claimed by someone else (chmod 000, another user's): exit 2 and one line naming the folder."""
+    from sparsegrad.recipes.lock import FolderLock
+
+    denied = tmp_path / "denied"
+
+    def refuse(self):
+        raise PermissionError(13, "Permission denied", str(self.path))
+
+    monkeypatch.setattr(FolderLock, "acquire", refuse)
+    line = _error(["finetune", "--max-steps", "1", "--output-dir", str(denied)], capsys)
+    assert f"cannot write {denied}" in line and "another --output-dir" in line
+
+
 def test_divergence_is_reported_never_scored(tmp_path, capsys):
     """--lr 1000 on BBC News: the loss explodes at the second step; the run stops there, exits 1 with
     the reason, and its results hold a status and no score, as strict JSON."""

@@ -73,6 +73,20 @@ def test_sharded_equals_one_process(tiny_llama_dir, chat_file, tmp_path, mode):
     assert ba.keys() == bb.keys() and all(torch.equal(ba[k], bb[k]) for k in ba)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tries torchrun on a machine without a GPU")
+def test_torchrun_without_a_gpu_runs_sharded_on_the_cpu_and_fsdp_alone_is_refused(tiny_llama_dir, chat_file,
+                                                                                  tmp_path, capsys):
+    """Without --cpu, 2 processes on a machine without a GPU are 2 ranks of one sharded run (not two copies
+    of the whole run in one folder); --fsdp in one process says how to launch several."""
+    sharded = tmp_path / "sharded"
+    argv = [a for a in _args(tiny_llama_dir, chat_file, sharded, "lora", "--batch-size", "4", "--fsdp") if a != "--cpu"]
+    _torchrun(argv)
+    result = _result(sharded)
+    assert result["processes"] == 2 and result["sharded"]
+    assert main(_args(tiny_llama_dir, chat_file, tmp_path / "one", "lora", "--fsdp")) == 2
+    assert "launch it with torchrun --nproc-per-node N" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("method", ["lora", "meprop", "ft"])
 def test_other_methods_shard(tiny_llama_dir, chat_file, tmp_path, method):
     single, sharded = tmp_path / "single", tmp_path / "sharded"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, BloomConfig, BloomForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, BloomConfig, BloomForCausalLM
 
 import sparsegrad
 from sparsegrad import SparseGradLinear
@@ -96,6 +96,20 @@ def test_saved_adapter_reloads_and_merges(tiny_llama_dir, chat_batches, trained,
     base_out = _logits(_model(tiny_llama_dir), chat_batches[0])
     unloaded = PeftModel.from_pretrained(_model(tiny_llama_dir), tmp_path / "adapter").unload()
     assert torch.allclose(_logits(unloaded, chat_batches[0]), base_out, rtol=0, atol=1e-10)
+
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    config.hidden_size = config.hidden_size * 3 // 2  # a wider model: the adapter does not fit it
+    with pytest.raises(ValueError, match=r"this model's is \d+->\d+: load the adapter onto the base model"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_config(config), tmp_path / "adapter")
+    config = AutoConfig.from_pretrained(tiny_llama_dir)
+    config.num_hidden_layers += 1  # a deeper model: its last block has no entries in the adapter
+    with pytest.raises(ValueError, match=r"holds no entries for 3 of this model's target layers .*fewer blocks"):
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_config(config), tmp_path / "adapter")
+    changed = SparseGradConfig.from_pretrained(tmp_path / "adapter")
+    if changed.mode == "fixed":  # (a dynamic adapter's entries are any number)
+        changed.density = 0.05  # as a resume with another --density would
+        with pytest.raises(ValueError, match=r"k=\d+ there: it was saved with another density or n_params"):
+            PeftModel.from_pretrained(_model(tiny_llama_dir), tmp_path / "adapter", config=changed)
 
 
 def test_reloaded_adapter_goes_on_training(tiny_llama_dir, chat_batches, bases, tmp_path):
@@ -200,8 +214,10 @@ def test_dynamic_adapter_trains_on_with_its_bases_file(tiny_llama_dir, chat_batc
                                                                                mode="dynamic")), chat_batches[2:4])
     original.save_pretrained(tmp_path / "adapter")
     partial = PeftModel.from_pretrained(_model(tiny_llama_dir), tmp_path / "adapter", is_trainable=True)
-    with pytest.raises(RuntimeError, match="only the basis rows"):
+    with pytest.raises(RuntimeError, match=r"only the basis rows.*to run it, model.eval\(\)"):
         _train(partial, chat_batches[4:])
+    partial.eval()  # trainable, but only run: a plain forward is fine
+    assert torch.allclose(partial(**chat_batches[0]).logits, _logits(original, chat_batches[0]), rtol=0, atol=1e-9)
     config = SparseGradConfig.from_pretrained(tmp_path / "adapter")
     config.bases = str(bases_file)
     reloaded = PeftModel.from_pretrained(_model(tiny_llama_dir), tmp_path / "adapter", config=config,

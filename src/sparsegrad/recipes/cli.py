@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             out = _output_dir(options, f"sparsegrad-runs/compare-{cfg.task}-{stamp}")
             summary = run_compare(args.methods, cfg, out, seeds=options.seeds, optimize_trials=options.optimize,
                                   bases=options.bases, resume=options.resume, progress=not options.no_progress)
+    except PermissionError as err:  # an output folder (or a file in it) this user cannot write
+        print(f"sparsegrad: error: cannot write {err.filename or 'the output folder'} (permission denied): choose "
+              "another --output-dir, or make it writable", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, ModuleNotFoundError, ImportError, DiskFullError) as err:
         print(f"sparsegrad: error: {err}", file=sys.stderr)
         return 2

@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import shutil
 import sys
@@ -152,11 +153,18 @@ class FineTuneRecipe:
         # runs in one process may differ in precision: forget the previous run's settings (not the process group)
         AcceleratorState._reset_state()
         # the bases are shared, frozen buffers that every rank holds alike: DDP need not broadcast them
-        self.accelerator = Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
+        # several processes on a machine without a GPU: they run on the CPU (accelerate would otherwise see
+        # one process in each, and every rank would run the whole job alone)
+        cpu = cfg.cpu or (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=cpu, mixed_precision=cfg.mixed_precision,
                                        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         acc = self.accelerator
         self.device, self.world, self.rank, self.is_main = acc.device, acc.num_processes, acc.process_index, \
             acc.is_main_process
+        if cfg.fsdp and self.world == 1:
+            raise ValueError("--fsdp shards the model over several processes and this run has one: launch it with "
+                             "torchrun --nproc-per-node N -m sparsegrad finetune ... (or accelerate launch), or drop "
+                             "--fsdp")
         # sharded: asked for, or launched with an accelerate FSDP config (sparsegrad.shard does the sharding;
         # on CPU accelerate keeps the config's flag but not its FSDP state)
         self.fsdp = self.world > 1 and (cfg.fsdp or acc.distributed_type == DistributedType.FSDP

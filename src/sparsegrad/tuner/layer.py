@@ -141,11 +141,12 @@ class SparseGradLayer(nn.Module, BaseTunerLayer):
                 f"the SparseGrad adapter {running!r} has no bases yet: pass bases=sparsegrad.compute_bases(...) "
                 "(or a saved bases file) to SparseGradConfig, load a saved adapter with PeftModel.from_pretrained, "
                 "or train with sparsegrad.tuner.SparseGradCallback")
-        if inner.mode == "dynamic" and inner.partial_bases and inner.trainable.requires_grad and torch.is_grad_enabled():
+        if (inner.mode == "dynamic" and inner.partial_bases and self.training and inner.trainable.requires_grad
+                and torch.is_grad_enabled()):  # training it (in eval mode or under no_grad it only runs)
             raise RuntimeError(
                 f"the adapter {running!r} was loaded with only the basis rows its entries use, and the dynamic "
                 "mode chooses new entries anywhere: to go on training it, load it with bases='<bases file>' "
-                "in its config, or save it with embed_bases=False")
+                "in its config, or save it with embed_bases=False; to run it, model.eval() or torch.no_grad()")
         return inner(x)
 
     # ------------------------------------------------------------------ save / load

@@ -129,12 +129,18 @@ class SparseGradModel(BaseTuner):
         # the whole bases where the config names their file (a dynamic adapter that trains on needs them)
         bases = config.resolve_bases() if not embedded or _is_file(config.bases) else None
         out, converted = {}, {}
-        for name, layer in sparsegrad_linears(model, adapter_name).items():
+        linears = sparsegrad_linears(model, adapter_name)
+        for name, layer in linears.items():
             saved = PEFT_PREFIX + _model_key(name)
             if f"{saved}.sparsegrad_values" not in state_dict:
                 continue
             out |= {f"{name}.sparsegrad_{key}.{adapter_name}": state_dict.pop(f"{saved}.sparsegrad_{key}")
                     for key in ENTRY_KEYS}
+            entries = out[f"{name}.sparsegrad_values.{adapter_name}"].numel()
+            if layer.mode == "fixed" and entries != layer.k:
+                raise ValueError(f"the adapter holds {entries} entries in {_model_key(name)!r} and this config trains "
+                                 f"k={layer.k} there: it was saved with another density or n_params; use the same "
+                                 "ones (a fixed support has exactly k entries)")
             if bases is not None:
                 pair = bases.for_layer(_model_key(name))
                 key = tuple(map(id, pair))
@@ -143,6 +149,11 @@ class SparseGradModel(BaseTuner):
                                 config.bases)
             elif embedded:
                 group = embedded[basis_group_of(_model_key(name), embedded)]
+                saved_shape = (group["U"].shape[1], group["V"].shape[1])  # (d_in, d_out) the adapter was saved from
+                if saved_shape != (layer.in_features, layer.out_features):
+                    raise ValueError(f"the adapter's layer {_model_key(name)!r} is {saved_shape[0]}->{saved_shape[1]} "
+                                     f"and this model's is {layer.in_features}->{layer.out_features}: load the "
+                                     "adapter onto the base model it was trained from")
                 pair = tuple(full_basis(group[side], group[f"{side}_index"], d)
                              for side, d in (("U", layer.in_features), ("V", layer.out_features)))
                 key = id(group)
@@ -155,6 +166,11 @@ class SparseGradModel(BaseTuner):
             layer.load_trained(*layer.trained_entries(), bases=converted[key])  # S kept, in the loaded bases
             layer.placeholder = False
             layer.partial_bases = bool(embedded and bases is None)  # only the rows the entries use
+        missing = [_model_key(name) for name, layer in linears.items() if layer.placeholder]
+        if missing and (embedded or bases is not None):
+            raise ValueError(f"the adapter holds no entries for {len(missing)} of this model's target layers "
+                             f"({missing[0]!r}, ...): it was saved from a model with fewer blocks or other targets; "
+                             "load it onto the base model it was trained from")
         return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict) | out
 
 
