@@ -136,11 +136,6 @@ class SparseGradModel(BaseTuner):
                 continue
             out |= {f"{name}.sparsegrad_{key}.{adapter_name}": state_dict.pop(f"{saved}.sparsegrad_{key}")
                     for key in ENTRY_KEYS}
-            entries = out[f"{name}.sparsegrad_values.{adapter_name}"].numel()
-            if layer.mode == "fixed" and entries != layer.k:
-                raise ValueError(f"the adapter holds {entries} entries in {_model_key(name)!r} and this config trains "
-                                 f"k={layer.k} there: it was saved with another density or n_params; use the same "
-                                 "ones (a fixed support has exactly k entries)")
             if bases is not None:
                 pair = bases.for_layer(_model_key(name))
                 key = tuple(map(id, pair))
@@ -161,6 +156,11 @@ class SparseGradModel(BaseTuner):
                 raise ValueError("this SparseGrad adapter holds no basis rows and its config names no bases file: "
                                  "pass bases='<bases file>' to SparseGradConfig.from_pretrained, or save the "
                                  "adapter with embed_bases=True")
+            entries = out[f"{name}.sparsegrad_values.{adapter_name}"].numel()
+            if layer.mode == "fixed" and entries != layer.k:
+                raise ValueError(f"the adapter holds {entries} entries in {_model_key(name)!r} and this config trains "
+                                 f"k={layer.k} there: it was saved with another density or n_params; use the same "
+                                 "ones (a fixed support has exactly k entries)")
             if key not in converted:  # one SharedBases per role
                 converted[key] = SharedBases(*pair, device=layer.U.device, dtype=layer.U.dtype)
             layer.load_trained(*layer.trained_entries(), bases=converted[key])  # S kept, in the loaded bases
