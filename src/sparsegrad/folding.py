@@ -166,7 +166,11 @@ class InPlace(FoldRule):
 
 
 class Rebuild(FoldRule):
-    """bfloat16 / float16: W = round(W_0 + U^T S V), exact after any number of steps (see the module's notes)."""
+    """bfloat16 / float16: W = round(W_0 + U^T S V), exact after any number of steps (see the module's notes).
+
+    One layer at a time: W_0 comes back only if each rebuild recomputes the last one's float32 D bit for bit,
+    and a batched product whose batch changes from step to step (a layer without a change sits one out) does
+    not promise the same bits for the same layer."""
 
     name = "REBUILD"
 
