@@ -142,7 +142,8 @@ class InPlace(FoldRule):
         for layer in layers:
             change = layer.take_change(check)
             if change is not None:
-                key = (layer.bases, layer.mode, layer.weight.dtype, change.plan and change.plan.transposed)
+                # one role: the same two tensors (one SharedBases, or the same U and V given to each layer)
+                key = (id(layer.U), id(layer.V), layer.mode, layer.weight.dtype, change.plan and change.plan.transposed)
                 roles.setdefault(key, []).append((layer, change))
         for members in roles.values():
             first = members[0][0]

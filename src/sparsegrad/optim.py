@@ -25,7 +25,10 @@ from .readbacks import to_host
 class SparseAdamW(torch.optim.Optimizer):
     """AdamW (decoupled weight decay, as torch.optim.AdamW) with optional lazy groups.
 
-    Sparse COO gradients are accepted in lazy groups too.
+    Sparse COO gradients are accepted in lazy groups too. A float16 parameter of a dense group is stepped on a
+    float32 master copy with float32 moments and rounded once per step, as SparseGrad's own values are kept in
+    float32: in float16 the second moment underflows and eps (1e-8) is zero, and plain AdamW gives NaN within
+    two steps. (bfloat16 has float32's range and steps in place.)
     """
 
     def __init__(
@@ -66,19 +69,26 @@ class SparseAdamW(torch.optim.Optimizer):
                     if group["lazy"]:
                         state.update(_empty_store(p))
                     else:
-                        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                        if p.dtype == torch.float16:  # see the class's notes
+                            state["master"] = p.detach().float()
+                        kept = state.get("master", p)
+                        state["exp_avg"] = torch.zeros_like(kept, memory_format=torch.preserve_format)
+                        state["exp_avg_sq"] = torch.zeros_like(kept, memory_format=torch.preserve_format)
                 state["step"] = step = int(state["step"]) + 1
                 bias1, bias2 = 1 - beta1**step, 1 - beta2**step
                 if group["lazy"]:
                     self._lazy_update(p, grad, state, lr, beta1, beta2, eps, wd, bias1, bias2)
                 else:
                     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                    p.mul_(1 - lr * wd)
+                    master = state.get("master")  # float16: the step on a float32 copy, then rounded once
+                    target, grad = (p, grad) if master is None else (master, grad.float())
+                    target.mul_(1 - lr * wd)
                     exp_avg.lerp_(grad, 1 - beta1)
                     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
                     denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
-                    p.addcdiv_(exp_avg, denom, value=-lr / bias1)
+                    target.addcdiv_(exp_avg, denom, value=-lr / bias1)
+                    if master is not None:
+                        p.copy_(master)
         return loss
 
     def _make_room(self) -> None:
@@ -135,15 +145,20 @@ class SparseAdamW(torch.optim.Optimizer):
         return state["index"][used], state["exp_avg"][used], state["exp_avg_sq"][used]
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # torch casts floating-point state to the parameter's dtype: keep the lazy moments' index integral
+        # torch casts floating-point state to the parameter's dtype: keep the lazy moments' index integral,
+        # and a float16 parameter's master copy and moments float32
         state_dict = {**state_dict, "state": {k: dict(v) for k, v in state_dict["state"].items()}}
         indices = {k: s.pop("index") for k, s in state_dict["state"].items() if "index" in s}
+        kept = {k: {name: s.pop(name) for name in ("master", "exp_avg", "exp_avg_sq")}
+                for k, s in state_dict["state"].items() if "master" in s}
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         for k, index in indices.items():
             state = self.state[params[k]]
             state["index"] = index.to(params[k].device, torch.long)
             state.setdefault("bound", index.numel())
+        for k, tensors in kept.items():
+            self.state[params[k]].update({name: t.to(params[k].device, torch.float32) for name, t in tensors.items()})
         for state in self.state.values():  # saved by a version that kept the count on the device
             if torch.is_tensor(state.get("step")):
                 state["step"] = int(state["step"])

@@ -19,8 +19,12 @@ _LLAMA_LIKE = r".*\.mlp\.(gate_proj|up_proj|down_proj)"
 DEFAULT_TARGETS: dict[str, str] = {
     **{t: _BERT_LIKE for t in ("bert", "roberta", "xlm-roberta", "camembert", "electra", "mpnet")},
     "distilbert": r".*\.ffn\.(lin1|lin2)",
-    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2")},
+    **{t: _LLAMA_LIKE for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text",
+                                "olmo", "olmo2")},
     "gpt2": r".*\.mlp\.(c_fc|c_proj)",
+    "opt": r".*\.layers\.\d+\.(fc1|fc2)",
+    **{t: r".*\.mlp\.(dense_h_to_4h|dense_4h_to_h)" for t in ("gpt_neox", "falcon")},
+    "phi3": r".*\.mlp\.(gate_up_proj|down_proj)",  # gate and up fused in one linear: one role, its own bases
 }
 
 Targets = str | Iterable[str] | None
@@ -84,7 +88,14 @@ def select_blocks(layers: dict[str, nn.Module], blocks: Blocks) -> dict[str, nn.
 
 def _matcher(targets: Targets, model: nn.Module):
     if targets is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        if (getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or 0) > 1:
+            raise ValueError(
+                f"model_type={model_type!r} is a mixture-of-experts model: its experts are not nn.Linear modules "
+                "(transformers holds each block's experts as one 3-D parameter), and SparseGrad trains linear "
+                "layers; name other layers to train with targets=[...], or fine-tune a dense model"
+            )
         if model_type not in DEFAULT_TARGETS:
             raise ValueError(
                 f"sparsegrad has no default MLP targets for model_type={model_type!r}; name the MLP linear "

@@ -32,6 +32,29 @@ def test_matches_torch_adamw_on_a_full_support(lazy):
     torch.testing.assert_close(moments, expected)
 
 
+def test_a_float16_parameter_steps_on_a_float32_master_copy():
+    """Plain AdamW on float16 gives NaN within two steps (its second moment underflows, eps is zero there);
+    SparseAdamW steps a float32 copy with float32 moments and rounds once: the float32 run, rounded. Its
+    state survives a state_dict round trip in float32 (torch would cast it to the parameter's dtype)."""
+    torch.manual_seed(0)
+    p32 = nn.Parameter((torch.randn(8, 4) * 0.1).half().float())  # values float16 holds exactly
+    p16, torch16 = nn.Parameter(p32.detach().half()), nn.Parameter(p32.detach().half())
+    ours32, ours16 = SparseAdamW([p32], lr=1e-3), SparseAdamW([p16], lr=1e-3)
+    plain16 = torch.optim.AdamW([torch16], lr=1e-3)
+    for step in range(3):
+        g = (torch.randn(8, 4) * 1e-4).half().float()  # small gradients, as a classifier head's late in training
+        p32.grad, p16.grad, torch16.grad = g, g.half(), g.half()
+        for opt in (ours32, ours16, plain16):
+            opt.step()
+        if step == 0:  # resumed after the first step
+            state = ours16.state_dict()
+            ours16 = SparseAdamW([p16], lr=1e-3)
+            ours16.load_state_dict(copy.deepcopy(state))
+            assert all(ours16.state[p16][k].dtype == torch.float32 for k in ("master", "exp_avg", "exp_avg_sq"))
+    assert not torch.isfinite(torch16).all()  # what SparseAdamW avoids
+    assert p16.dtype == torch.float16 and torch.equal(p16, p32.detach().half())
+
+
 def test_lazy_update_touches_only_the_gradient_support():
     p = nn.Parameter(torch.ones(4, 4))
     opt = SparseAdamW([p], lr=0.1, weight_decay=0.5, lazy=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from sparsegrad.recipes.cli import main
+from sparsegrad.recipes.results import RunResult, SummaryRow, markdown_table
 
 SLICE = ["--task", "sst2", "--max-train-samples", "320", "--max-eval-samples", "200", "--max-length", "48",
          "--epochs", "2", "--no-progress"]
@@ -71,6 +72,22 @@ def test_regression_task_runs_with_pearson(tmp_path):
     r = _results(out)
     assert r["metric"] == "pearson" and set(r["final"]["dev"]) == {"pearson", "spearman"}
     assert r["score"] > 0.5  # learns which pairs match (a constant predictor scores 0)
+    assert r["baseline"]["pearson"] == 0.0 and r["learned"] is True
+    # the same run had it ended at the constant predictor's 0: reported as such, not as an ordinary score
+    flat = RunResult.from_dict({**r, "score": 0.0, "learned": None})
+    assert flat.learned is False
+    row = SummaryRow.from_runs([flat])
+    assert row.not_learned == [0] and "0.0 ± 0.0 (not above baseline: seed 0)" in markdown_table([row])
+
+
+def test_float16_classification_trains(tmp_path):
+    """--dtype float16 on a classification task: the dense head steps on a float32 master copy (SparseAdamW),
+    where plain AdamW in float16 gave NaN at step 2 at any lr."""
+    out = tmp_path / "fp16"
+    assert main(["finetune", "--dtype", "float16", "--max-steps", "3", "--batch-size", "8", "--max-length", "32",
+                 "--max-train-samples", "24", "--max-eval-samples", "16", "--no-progress", "--output-dir", str(out)]) == 0
+    r = _results(out)  # (float16 matmuls are slow on a CPU: a few short steps)
+    assert r["status"] == "finished" and all(math.isfinite(h["loss"]) for h in r["history"])
 
 
 def test_compare_prints_one_table(glue_dir, tmp_path, capsys):

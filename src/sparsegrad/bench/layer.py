@@ -233,15 +233,18 @@ def measure_fold(spec: dict) -> dict:
     def timed_fold(*args, **kwargs):  # the fold the optimizer step's hook runs, timed apart from the step
         folds.append(_timed(lambda: fold_layers(*args, **kwargs), dev))
 
-    folding.fold_layers = timed_fold  # this process measures one layer and ends
-    for i in range(spec["iters"] + 1):
-        start = time.perf_counter()
-        layer(x).backward(dy)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        steps.append(time.perf_counter() - start - folds[-1])
+    folding.fold_layers = timed_fold
+    try:
+        for i in range(spec["iters"] + 1):
+            start = time.perf_counter()
+            layer(x).backward(dy)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            steps.append(time.perf_counter() - start - folds[-1])
+    finally:
+        folding.fold_layers = fold_layers  # (the tests call this in their own process)
     steps, folds = steps[1:], folds[1:]  # the first step warms up
     kept = layer.w0_index.numel() / layer.weight.numel() if layer.w0_index is not None else None
     return {"mode": mode, "dtype": spec["dtype"], "d_in": d_in, "d_out": d_out, "k": k,

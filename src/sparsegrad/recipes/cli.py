@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     for row in summary.rows:
         if row.status != "finished":
             print(f"sparsegrad: error: {row.method} {row.status}: {row.message}", file=sys.stderr)
+        elif row.not_learned:
+            print(f"sparsegrad: warning: {row.method} ended at or below the baseline ({row.metric} "
+                  f"{row.baseline:.4g}) with seed(s) {', '.join(map(str, row.not_learned))}: it learned nothing "
+                  "there; try another --lr or more --epochs", file=sys.stderr)
     if summary.failed:
         print(f"sparsegrad: error: these methods failed: {', '.join(summary.failed)}", file=sys.stderr)
     return 1 if summary.failed or any(row.status != "finished" for row in summary.rows) else 0

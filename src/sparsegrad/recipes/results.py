@@ -67,6 +67,12 @@ class RunResult(_Record):
     message: str | None = None
     warnings: list = field(default_factory=list)
     sharded: bool = False             # FSDP2 over the processes (else DDP, or one process)
+    learned: bool | None = None       # did the score beat the baseline? (None: diverged)
+
+    def __post_init__(self) -> None:
+        if self.learned is None and self.score is not None:
+            base = self.baseline.get(self.metric, float("nan"))
+            self.learned = bool(self.score > base if self.greater_is_better else self.score < base)
 
     @property
     def label(self) -> str:
@@ -101,6 +107,7 @@ class SummaryRow(_Record):
     splits: dict = field(default_factory=dict)   # "split/metric" -> mean over seeds
     status: str = "finished"
     message: str | None = None
+    not_learned: list = field(default_factory=list)  # seeds whose score did not beat the baseline
 
     @classmethod
     def from_runs(cls, runs: list[RunResult]) -> SummaryRow:
@@ -124,7 +131,7 @@ class SummaryRow(_Record):
             peak_memory_mb=float(max(r.peak_memory_mb for r in runs)), memory_kind=first.memory_kind,
             lr=first.config["lr"], batch_size=first.config["batch_size"],
             adapter_bytes=(first.adapter or {}).get("bytes"), model_bytes=(first.adapter or {}).get("model_bytes"),
-            splits=splits,
+            splits=splits, not_learned=[r.config["seed"] for r in runs if r.learned is False],
         )
 
     @classmethod
@@ -161,6 +168,9 @@ def markdown_table(rows: list[SummaryRow]) -> str:
         adapter = f"{r.adapter_bytes / 2**20:,.2f}" if r.adapter_bytes else ""
         score = (f"{scale * r.mean:.{digits}f} ± {scale * r.std:.{digits}f}" if r.status == "finished"
                  else f"{r.status} (seeds {', '.join(str(s) for s, v in zip(r.seeds, r.scores) if v is None)})")
+        if r.not_learned:  # an ordinary-looking score that is no better than the baseline
+            score += f" (not above baseline: seed{'s' if len(r.not_learned) > 1 else ''} " \
+                     f"{', '.join(map(str, r.not_learned))})"
         lines.append(f"| {r.task} | {method} | {r.rest} | {r.metric} | {score} | {scale * r.baseline:.{digits}f} | {r.trainable:,} "
                      f"| {r.trainable_mlp:,} | {r.steps_per_s:.2f} | {r.peak_memory_mb:,.0f} | {adapter} "
                      f"| {r.lr:.2e} | {r.batch_size} |")
