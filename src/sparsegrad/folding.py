@@ -46,7 +46,7 @@ _HOOKS = None
 
 def register(layer: nn.Module) -> None:
     """Fold `layer` after every optimizer step that updates its S, and cut its gradient before it where it
-    was left whole (called by the layer's constructor). Layers go in the order they were built: the same
+    was left whole (called by the constructors of SparseGrad's layers; MePropLinear's, for the cut only). Layers go in the order they were built: the same
     on every rank, as the sharded fold's and top-k's collectives need."""
     global _HOOKS
     _LAYERS[next(_SERIAL)] = layer
@@ -64,7 +64,7 @@ def _stepped(optimizer: torch.optim.Optimizer) -> list[nn.Module]:
 
 
 def _before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    # A dynamic layer that leaves its gradient whole (deferred top-k: summed over micro-batches, reduced
+    # A top-k layer (dynamic, MeProp) that leaves its gradient whole (deferred top-k: summed over micro-batches, reduced
     # over ranks) and that no one cut (sparsegrad.sparsify_gradients, SparseGradCallback): its top-k now,
     # so that no optimizer ever trains every entry of S.
     for layer in _stepped(optimizer):
@@ -74,7 +74,7 @@ def _before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
 
 def _after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     # a parameter without a gradient did not move: nothing to read on the device to know what to fold
-    moved = _stepped(optimizer)
+    moved = [layer for layer in _stepped(optimizer) if hasattr(layer, "fold_rule")]  # (MeProp's weight is itself)
     if moved:
         fold_layers(moved, check=False)
 

@@ -81,7 +81,8 @@ def shard(model: nn.Module, *, mesh=None, reshard_after_forward: bool = True) ->
             layer._register_state_dict_hook(_unsharded_names)
             layer._register_load_state_dict_pre_hook(_sharded_names, with_module=True)
         layer.sharded = True
-        layer.fold_rule = SHARDED
+        if hasattr(layer, "fold_rule"):  # SparseGrad's layers (MeProp's weight is what it trains)
+            layer.fold_rule = SHARDED
     blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(f"found no transformer blocks in {type(model).__name__} to shard: it names no "

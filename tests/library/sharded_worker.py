@@ -52,7 +52,7 @@ if world > 1:  # the gathered state loads back into the shards unchanged
 rebuilt = {}
 if rank == 0:  # the weights an unsharded layer folds the same S into, from the same pretrained weights
     reference = converted_model()
-    for name, layer in sparsegrad.sparse_layers(reference).items():
+    for name, layer in sparsegrad.sparse_layers(reference).items() if mode != "meprop" else ():
         layer.set_trained(state[f"{name}.{'values' if mode == 'fixed' else 'delta'}"])
         rebuilt[f"{name}.weight"] = layer.weight.detach().clone()
     torch.save({"state": state, "rebuilt": rebuilt}, out)

@@ -114,3 +114,19 @@ def test_the_rule_follows_the_weight_and_survives_copies():
         assert copied[0][0].fold_rule is folding.REBUILD
     model.float()
     assert layer.fold_rule is folding.IN_PLACE
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "meprop"])
+def test_a_deferred_top_k_is_cut_at_the_step(mode):
+    """A top-k layer that leaves its gradient whole (defer_topk) and that nothing cut: the optimizer step cuts
+    it, so one step changes k entries (of S, or of MeProp's weight), not every entry."""
+    model = _role_model(1, "dynamic") if mode == "dynamic" else nn.Sequential(nn.Sequential(
+        sparsegrad.MePropLinear.from_linear(nn.Linear(16, 24).to(f64), k=20)))
+    layer = model[0][0]
+    layer.topk_in_backward = False  # (sparsegrad.model.defer_topk)
+    before = layer.trainable.detach().clone()
+    opt = sparsegrad.optimizer(model, lr=0.1)
+    model(torch.randn(5, 16, dtype=f64)).square().sum().backward()
+    assert not layer.trainable.grad.is_sparse and int(layer.trainable.grad.count_nonzero()) > layer.k  # whole
+    opt.step()
+    assert int((layer.trainable.detach() != before).sum()) == layer.k
