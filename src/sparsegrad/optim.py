@@ -147,6 +147,7 @@ class SparseAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts floating-point state to the parameter's dtype: keep the lazy moments' index integral,
         # and a float16 parameter's master copy and moments float32
+        _check_groups(state_dict["param_groups"], self.param_groups)
         state_dict = {**state_dict, "state": {k: dict(v) for k, v in state_dict["state"].items()}}
         indices = {k: s.pop("index") for k, s in state_dict["state"].items() if "index" in s}
         kept = {k: {name: s.pop(name) for name in ("master", "exp_avg", "exp_avg_sq")}
@@ -162,6 +163,19 @@ class SparseAdamW(torch.optim.Optimizer):
         for state in self.state.values():  # saved by a version that kept the count on the device
             if torch.is_tensor(state.get("step")):
                 state["step"] = int(state["step"])
+
+
+def _check_groups(saved: list[dict], groups: list[dict]) -> None:
+    """A checkpoint's groups must be this optimizer's: a lazy group appears or goes when the mode changes."""
+    names = [[g.get("name", i) for i, g in enumerate(gs)] for gs in (saved, groups)]
+    lazy = [any(g.get("lazy") for g in gs) for gs in (saved, groups)]
+    if lazy[0] != lazy[1]:
+        was, now = ("dynamic or meprop", "fixed") if lazy[0] else ("fixed", "dynamic or meprop")
+        raise ValueError(f"the optimizer state was saved from a {was} model and this one is {now}: resume with "
+                         "the mode the checkpoint was trained with (or start a new run)")
+    if len(saved) != len(groups):
+        raise ValueError(f"the optimizer state holds groups {names[0]} and this optimizer {names[1]}: resume with "
+                         "the options the checkpoint was trained with (which parameters train: --rest, targets)")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

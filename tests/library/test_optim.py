@@ -142,6 +142,20 @@ def test_state_dict_round_trip_and_clipping(minilm, minilm_bases, bbc_batches, m
         assert torch.equal(a, b), n
 
 
+def test_a_checkpoint_of_another_mode_says_so(minilm, minilm_bases):
+    """Resuming a fixed run as dynamic (or back) names the option, not torch's group count."""
+    head_only(minilm)
+    twin = copy.deepcopy(minilm)
+    sparsegrad.apply(minilm, minilm_bases, density=0.005, mode="fixed")
+    sparsegrad.apply(twin, minilm_bases, density=0.005, mode="dynamic")
+    fixed, dynamic = sparsegrad.optimizer(minilm, lr=1e-3), sparsegrad.optimizer(twin, lr=1e-3)
+    with pytest.raises(ValueError, match="saved from a fixed model and this one is dynamic or meprop: resume with "
+                                         "the mode"):
+        dynamic.load_state_dict(fixed.state_dict())
+    with pytest.raises(ValueError, match="saved from a dynamic or meprop model and this one is fixed"):
+        fixed.load_state_dict(dynamic.state_dict())
+
+
 def test_hf_trainer_with_our_optimizer(minilm, minilm_bases, bbc_batches, tmp_path):
     from torch.utils.data import Dataset
     from transformers import Trainer, TrainingArguments, get_linear_schedule_with_warmup

@@ -108,7 +108,7 @@ def test_saved_adapter_reloads_and_merges(tiny_llama_dir, chat_batches, trained,
     changed = SparseGradConfig.from_pretrained(tmp_path / "adapter")
     if changed.mode == "fixed":  # (a dynamic adapter's entries are any number)
         changed.density = 0.05  # as a resume with another --density would
-        with pytest.raises(ValueError, match=r"k=\d+ there: it was saved with another density or n_params"):
+        with pytest.raises(ValueError, match=r"k=\d+ there: it was saved with another density, n_params or mode"):
             PeftModel.from_pretrained(_model(tiny_llama_dir), tmp_path / "adapter", config=changed)
 
 

@@ -159,8 +159,8 @@ class SparseGradModel(BaseTuner):
             entries = out[f"{name}.sparsegrad_values.{adapter_name}"].numel()
             if layer.mode == "fixed" and entries != layer.k:
                 raise ValueError(f"the adapter holds {entries} entries in {_model_key(name)!r} and this config trains "
-                                 f"k={layer.k} there: it was saved with another density or n_params; use the same "
-                                 "ones (a fixed support has exactly k entries)")
+                                 f"k={layer.k} there: it was saved with another density, n_params or mode; use the "
+                                 "same ones (a fixed support has exactly k entries)")
             if key not in converted:  # one SharedBases per role
                 converted[key] = SharedBases(*pair, device=layer.U.device, dtype=layer.U.dtype)
             layer.load_trained(*layer.trained_entries(), bases=converted[key])  # S kept, in the loaded bases
