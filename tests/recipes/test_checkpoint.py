@@ -120,7 +120,7 @@ def test_the_folder_lock(tmp_path):
         FolderLock(folder).acquire()
     with FolderLock(folder):  # released: taken again
         pass
-    assert (folder / ".lock").read_text() == ""
+    assert not (folder / ".lock").exists()  # a finished holder leaves no lock file
 
     # a holder killed with SIGKILL: its lock is taken over
     holder = subprocess.Popen([sys.executable, "-c", ("import sys, time; from sparsegrad.recipes.lock import FolderLock; "
@@ -134,6 +134,7 @@ def test_the_folder_lock(tmp_path):
     assert f'"pid": {holder.pid}' in (folder / ".lock").read_text()  # its record is still there
     with FolderLock(folder):
         assert f'"pid": {os.getpid()}' in (folder / ".lock").read_text()
+    assert not (folder / ".lock").exists()
 
 
 def test_waiting_lock_lets_one_holder_in_at_a_time(tmp_path):
@@ -157,6 +158,7 @@ def test_waiting_lock_lets_one_holder_in_at_a_time(tmp_path):
     spans.sort()
     assert len(spans) == 4 and all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
     assert found == [False, True, True, True]
+    assert not (tmp_path / "shared" / "bases.lock").exists()  # each holder removed it: none is left
 
 
 def test_atomic_path_keeps_the_old_file_on_error(tmp_path):

@@ -47,8 +47,9 @@ def test_every_method_learns_sst2(glue_dir, tmp_path, method, capsys):
 
 
 @pytest.mark.parametrize("method", [None, "ft", "lora", "meprop"])
-def test_default_task_bbc_news_learns(tmp_path, method):
-    """The embedded default (MiniLM on BBC News; SparseGrad fixed unless a method is named), cut down."""
+def test_default_task_bbc_news_learns(tmp_path, method, capsys):
+    """The embedded default (MiniLM on BBC News; SparseGrad fixed unless a method is named), cut down;
+    it tells its story: what it trains on what, and at the end where the results and the adapter went."""
     out = tmp_path / "bbc"
     argv = ["finetune", "--max-train-samples", "160", "--max-eval-samples", "120", "--max-length", "64",
             "--epochs", "1", "--lr", "3e-4", "--bases-steps", "3", "--no-progress", "--output-dir", str(out)]
@@ -57,6 +58,20 @@ def test_default_task_bbc_news_learns(tmp_path, method):
     assert r["task"] == "bbcnews" and r["method"]["method"] == (method or "sparsegrad")
     assert r["method"]["mode"] == (None if method else "fixed")
     assert r["score"] > r["baseline"]["accuracy"] + 0.2
+    printed = capsys.readouterr()
+    story = printed.err.splitlines()
+    assert story[0] == "model   all-MiniLM-L6-v2 (embedded)"
+    assert story[1].startswith("data    bbcnews: 160 training / 120 validation examples, 5 classes")
+    assert story[2].startswith(f"method  {'sparsegrad-fixed at density 0.01' if method is None else method}")
+    assert story[3] == f"output  {out}/"
+    trains = f"seed 0: {r['method']['trainable']:,} of {r['method']['total']:,} parameters train"
+    assert any(line.startswith(trains) for line in story), story
+    row = f"| all | validation accuracy | {100 * r['score']:.1f} | {100 * r['baseline']['accuracy']:.1f} |"
+    assert f"| bbcnews | {method or 'sparsegrad-fixed'}" in printed.out and row in printed.out  # one seed: no ±
+    assert story[-2].startswith(f"adapter {out}/seed-0/adapter/ (")
+    assert story[-1].startswith("reuse   sparsegrad.load_adapter(AutoModelForSequenceClassification.from_pretrained("
+                                "sparsegrad.recipes.assets.minilm_path(), num_labels=5), ")
+    assert not list(out.rglob("*.lock")) and not (out / ".lock").exists()  # no lock file left behind
 
 
 def test_regression_task_runs_with_pearson(tmp_path):
@@ -77,7 +92,8 @@ def test_regression_task_runs_with_pearson(tmp_path):
     flat = RunResult.from_dict({**r, "score": 0.0, "learned": None})
     assert flat.learned is False
     row = SummaryRow.from_runs([flat])
-    assert row.not_learned == [0] and "0.0 ± 0.0 (not above baseline: seed 0)" in markdown_table([row])
+    assert row.not_learned == [0] and "| dev pearson | 0.0 (not above" in markdown_table([row])  # one seed: no ±
+    assert "0.0 (not above baseline: seed 0)" in markdown_table([row])
 
 
 def test_float16_classification_trains(tmp_path):

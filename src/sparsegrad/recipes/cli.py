@@ -40,6 +40,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def reuse_story(cfg: RunConfig, out: Path, seed: int, adapter_bytes: int | None) -> str:
+    """Where the adapter went and how to reuse it, in one line each."""
+    from .kinds import kind_of
+    from .tasks import get_task
+
+    task = get_task(cfg.task)
+    folder = out / f"seed-{seed}" / "adapter"
+    size = f" ({adapter_bytes / 2**20:,.1f} MB)" if adapter_bytes else ""
+    model = repr(cfg.model) if cfg.model else kind_of(task).default_model_call
+    auto = kind_of(task).auto_model().__name__
+    labels = f", num_labels={task.num_labels}" if task.kind == "classification" else ""
+    return (f"adapter {folder}/{size}\n"
+            f"reuse   sparsegrad.load_adapter({auto}.from_pretrained({model}{labels}), \"{folder}\")  "
+            "# the fine-tuned model, a plain transformers one")
+
+
 def _output_dir(options: CommandOptions, default: str) -> Path:
     if options.resume and not options.output_dir:
         raise ValueError("--resume needs the --output-dir of the command to continue")
@@ -84,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # one table per command, from rank 0
         return 0
     print(markdown_table(summary.rows))
-    print(f"\nresults: {out}/summary.json, {out}/summary.md", file=sys.stderr)
+    print(f"\nresults {out}/summary.json (and summary.md); each run's: {out}/seed-<s>/results.json", file=sys.stderr)
+    if args.command == "finetune" and summary.rows[0].status == "finished":
+        print(reuse_story(cfg, out, options.seeds[0], summary.rows[0].adapter_bytes), file=sys.stderr)
     for row in summary.rows:
         if row.status != "finished":
             print(f"sparsegrad: error: {row.method} {row.status}: {row.message}", file=sys.stderr)

@@ -152,7 +152,33 @@ def run_finetune(cfg: RunConfig, out: str | Path, *, seeds: list[int], optimize_
     command = {"config": {k: v for k, v in cfg.identity().items() if k != "seed"}, "seeds": seeds,
                "optimize": optimize_trials, "bases": bases}
     with claimed_folder(out, command, resume) if rank == 0 else contextlib.nullcontext():
+        if rank == 0:
+            print(run_story(cfg, data, out, seeds), file=sys.stderr)
         return _run_seeds(cfg, out, seeds, optimize_trials, bases, resume, progress, data, rank)
+
+
+def run_story(cfg: RunConfig, data: TaskData, out: Path, seeds: list[int]) -> str:
+    """The command's first lines: the model, the data and its splits, the method and setting, the folder."""
+    from .methods import method_label
+
+    kind = kind_of(data.task)
+    model = cfg.model or f"{kind.default_model_name} (embedded)"
+    splits = ", ".join(f"{len(examples):,} {name}" for name, examples in data.eval.items())
+    classes = f", {data.task.num_labels} classes" if data.task.labels else ""
+    method = method_label(cfg.method, cfg.mode if cfg.method == "sparsegrad" else None)
+    size = (f"{cfg.n_params:,} entries" if cfg.n_params is not None else f"density {cfg.density or 0.01:g}") \
+        if cfg.method in ("sparsegrad", "meprop") else ""
+    rest = cfg.rest or kind.default_rest
+    rest_says = {"all": "every other parameter trains too", "head": "and the task head",
+                 "none": "the MLP part alone"}[rest]
+    cfg = cfg.with_default_lr()
+    return "\n".join([
+        f"model   {model}",
+        f"data    {data.task.name}: {len(data.train):,} training / {splits} examples{classes} ({data.source})",
+        f"method  {method}{f' at {size}' if size else ''} of the MLP linears; --rest {rest} ({rest_says}); "
+        f"lr {cfg.lr:g}, batch {cfg.batch_size}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}",
+        f"output  {out}/",
+    ])
 
 
 def _run_seeds(cfg: RunConfig, out: Path, seeds: list[int], optimize_trials: int, bases: str | None, resume: bool,

@@ -124,6 +124,8 @@ class FineTuneRecipe:
         self.setup_model()
         self.setup_bases()
         self.setup_method()
+        if self.is_main:
+            print(self.trainable_story(), file=sys.stderr)
         self.setup_optimizer()
         if resume:
             self.load_checkpoint()
@@ -256,6 +258,14 @@ class FineTuneRecipe:
                 self.model = self.accelerator.prepare_model(self.model)
         if cfg.compile:  # the training steps run compiled; evaluation and saving use the model itself
             self.model = torch.compile(self.model)
+
+    def trainable_story(self) -> str:
+        """What trains, in one line: the method's entries in the MLP linears, the rest, the share of the model."""
+        info = self.method_info
+        others = info.trainable - info.trainable_mlp
+        return (f"seed {self.cfg.seed}: {info.trainable:,} of {info.total:,} parameters train "
+                f"({100 * info.trainable / info.total:.2g}%): {info.trainable_mlp:,} in {info.target_layers} MLP "
+                f"linears" + (f" + {others:,} others (--rest {info.rest})" if others else ""))
 
     def setup_optimizer(self) -> None:
         from transformers import get_linear_schedule_with_warmup
@@ -467,7 +477,7 @@ class FineTuneRecipe:
         cfg, state = self.cfg, self.state
         memory_bytes, memory_kind = self.peak
         return {
-            "config": cfg.identity(), "task": self.task.name, "metric": self.task.metric,
+            "config": cfg.identity(), "task": self.task.name, "metric": self.task.metric, "split": self.select_split,
             "greater_is_better": self.task.greater_is_better, "baseline": state.baseline,
             "baseline_kind": self.kind.baseline_kind, "method": self.method_info.as_dict(), "targets": self.targets,
             "bases": self.bases_info, "history": state.history, "nonzero_row_share": state.row_share,

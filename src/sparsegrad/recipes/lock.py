@@ -4,7 +4,11 @@ Two commands pointed at one folder would overwrite each other's checkpoints; the
 at once, naming the holder. The lock is an advisory `flock` on `<folder>/.lock`: the operating
 system releases it when its process ends, however it ends (kill -9 included), so a lock left by a
 dead process is simply taken over. The file keeps the holder's pid, host and start time for the
-message; it is emptied on release. (POSIX only: where `fcntl` is missing the lock is not taken.)
+message; the holder removes it on release, so a finished run leaves no lock file. (POSIX only: where
+`fcntl` is missing the lock is not taken.)
+
+Removing a lock file is safe because a taker checks, once it holds the lock, that the file it locked
+is still the one at the path (a file removed meanwhile is let go, and the path opened again).
 
 `waiting_lock(path)` is the other kind: work that several processes may reach at once but only one
 should do (the bases that a benchmark's parallel runs share): the others wait, then find it done.
@@ -42,15 +46,19 @@ class FolderLock:
         except ImportError:  # not POSIX: no advisory locks
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held open as long as the lock)
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = _describe(f.read())
-            f.close()
-            raise FolderInUseError(f"--output-dir {self.folder} is in use by another sparsegrad run ({holder}): "
-                                   "wait for it to end, or choose another --output-dir") from None
+        while True:
+            f = open(self.path, "a+", encoding="utf-8")  # noqa: SIM115 (held open as long as the lock)
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = _describe(f.read())
+                f.close()
+                raise FolderInUseError(f"--output-dir {self.folder} is in use by another sparsegrad run ({holder}): "
+                                       "wait for it to end, or choose another --output-dir") from None
+            if _still_at(f, self.path):
+                break
+            f.close()  # its holder removed it as we took it: take the path's new file
         f.seek(0)
         f.truncate()
         f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
@@ -62,7 +70,7 @@ class FolderLock:
         if self._file is not None:
             import fcntl
 
-            self._file.truncate(0)
+            self.path.unlink(missing_ok=True)  # while held: whoever takes the path next makes a new file
             fcntl.flock(self._file, fcntl.LOCK_UN)
             self._file.close()
             self._file = None
@@ -73,6 +81,14 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _still_at(f, path: Path) -> bool:
+    """Is the open file `f` the file at `path` (not one removed since it was opened)?"""
+    try:
+        return os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def _describe(text: str) -> str:
@@ -92,10 +108,17 @@ def waiting_lock(path: str | os.PathLike) -> Iterator[None]:
     except ImportError:  # not POSIX: no advisory locks
         yield
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:  # its own open file: flock excludes other threads too
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        f = open(path, "a", encoding="utf-8")  # noqa: SIM115 (its own open file: flock excludes other threads too)
         fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        if _still_at(f, path):
+            break
+        f.close()  # removed by the holder we waited for: lock the path's new file
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while held, as FolderLock.release
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()

@@ -68,6 +68,7 @@ class RunResult(_Record):
     warnings: list = field(default_factory=list)
     sharded: bool = False             # FSDP2 over the processes (else DDP, or one process)
     learned: bool | None = None       # did the score beat the baseline? (None: diverged)
+    split: str = ""                   # the evaluation split `score` is measured on ("validation", "dev", "heldout")
 
     def __post_init__(self) -> None:
         if self.learned is None and self.score is not None:
@@ -108,6 +109,7 @@ class SummaryRow(_Record):
     status: str = "finished"
     message: str | None = None
     not_learned: list = field(default_factory=list)  # seeds whose score did not beat the baseline
+    split: str = ""                   # the split the score is measured on
 
     @classmethod
     def from_runs(cls, runs: list[RunResult]) -> SummaryRow:
@@ -131,7 +133,7 @@ class SummaryRow(_Record):
             peak_memory_mb=float(max(r.peak_memory_mb for r in runs)), memory_kind=first.memory_kind,
             lr=first.config["lr"], batch_size=first.config["batch_size"],
             adapter_bytes=(first.adapter or {}).get("bytes"), model_bytes=(first.adapter or {}).get("model_bytes"),
-            splits=splits, not_learned=[r.config["seed"] for r in runs if r.learned is False],
+            splits=splits, not_learned=[r.config["seed"] for r in runs if r.learned is False], split=first.split,
         )
 
     @classmethod
@@ -157,8 +159,9 @@ class Summary(_Record):
 
 
 def markdown_table(rows: list[SummaryRow]) -> str:
-    """The summary table: metric mean ± std (scores x100, losses as they are), the baseline (majority
-    class, or the untrained model for chat), trainable counts, speed, memory and adapter size."""
+    """The summary table: the metric on its split (scores x100, losses as they are; mean ± std over
+    several seeds), the baseline (majority class, or the untrained model for chat), trainable counts,
+    speed, memory and adapter size."""
     head = ("| task | method | rest | metric | score | baseline | trainable | MLP trainable | steps/s "
             "| peak MB | adapter MB | lr | batch |\n|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
@@ -166,12 +169,14 @@ def markdown_table(rows: list[SummaryRow]) -> str:
         method = r.method + (f" (r={r.lora_rank})" if r.lora_rank else "")
         scale, digits = (100, 1) if r.greater_is_better else (1, 3)
         adapter = f"{r.adapter_bytes / 2**20:,.2f}" if r.adapter_bytes else ""
-        score = (f"{scale * r.mean:.{digits}f} ± {scale * r.std:.{digits}f}" if r.status == "finished"
+        spread = f" ± {scale * r.std:.{digits}f}" if len(r.seeds) > 1 else ""
+        score = (f"{scale * r.mean:.{digits}f}{spread}" if r.status == "finished"
                  else f"{r.status} (seeds {', '.join(str(s) for s, v in zip(r.seeds, r.scores) if v is None)})")
         if r.not_learned:  # an ordinary-looking score that is no better than the baseline
             score += f" (not above baseline: seed{'s' if len(r.not_learned) > 1 else ''} " \
                      f"{', '.join(map(str, r.not_learned))})"
-        lines.append(f"| {r.task} | {method} | {r.rest} | {r.metric} | {score} | {scale * r.baseline:.{digits}f} | {r.trainable:,} "
+        metric = f"{r.split} {r.metric}".strip()  # "validation accuracy": what the score is
+        lines.append(f"| {r.task} | {method} | {r.rest} | {metric} | {score} | {scale * r.baseline:.{digits}f} | {r.trainable:,} "
                      f"| {r.trainable_mlp:,} | {r.steps_per_s:.2f} | {r.peak_memory_mb:,.0f} | {adapter} "
                      f"| {r.lr:.2e} | {r.batch_size} |")
     return "\n".join(lines)

@@ -27,6 +27,9 @@ class TaskKind:
         """Refuse training data the task cannot learn from (a clear DataError)."""
 
     # ---- model
+    default_model_name = ""  # what the embedded default model is called, for the command's first lines
+    default_model_call = ""  # the Python expression that gives its folder, for the command's last lines
+
     def default_model(self) -> str:
         raise NotImplementedError
 

@@ -11,6 +11,8 @@ class CausalLM(TaskKind):
     baseline_kind = "untrained model"
     default_rest = "none"  # only the method's MLP part: the LM head is tied to the embeddings
     answers_prompts = True
+    default_model_name = "SmolLM2-135M-Instruct"
+    default_model_call = "sparsegrad.recipes.assets.smollm2_path()"
 
     def load(self, task, data_dir):
         train, validation, source = chat.load_conversations(data_dir)

@@ -15,6 +15,8 @@ class Classification(TaskKind):
     name = "classification"
     baseline_kind = "majority class"
     default_rest = "all"  # the paper's GLUE setting
+    default_model_name = "all-MiniLM-L6-v2"
+    default_model_call = "sparsegrad.recipes.assets.minilm_path()"
 
     def load(self, task, data_dir):
         return load_classification(task, data_dir)
