@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -311,3 +312,14 @@ def test_a_resumed_search_draws_what_an_uninterrupted_one_draws(tmp_path, monkey
     diverged = [t for t in whole["trials"] if t["params"]["lr"] > 0.05]
     assert all(t["status"] == "diverged" and t["value"] is None for t in diverged)
     assert all(t["status"] == "finished" and t["value"] is not None for t in whole["trials"] if t not in diverged)
+
+
+def test_version_and_compare_help(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and re.fullmatch(r"sparsegrad \d+\.\d+\.\d+\S*\n", capsys.readouterr().out)
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    shown = "".join(capsys.readouterr().out.split())  # argparse wraps lines, at spaces and hyphens
+    assert "(defaultftloramepropsparsegrad)" in shown and "(default0.01)" in shown
+    assert "(default:sparsegrad-runs/compare-<task>-<time>)" in shown and "(default0)" in shown

@@ -514,7 +514,7 @@ def _glue_section(g: dict | None, results: Path, link) -> list[str]:
         lines += ["### The default learning rates these runs choose", "",
                   ("Per method and setting, seed 0's held-out score at each lr, averaged over the tasks where full "
                    "fine-tuning beats the majority class (those in brackets: finished rows only); the best mean, in "
-                   "bold, is the recipes' default lr (README, \"Learning rates\"). lora-r8 runs as `lora` with "
+                   "bold, is the recipes' default lr (docs/learning-rates.md). lora-r8 runs as `lora` with "
                    "`--lora-rank 8` and takes `lora`'s default."), "", defaults, ""]
     paper = ("Paper, Table 4 (GLUE average, all tasks, BERT-base / RoBERTa-base, whole training sets): "
              + "; ".join(f"{model}: " + ", ".join(f"{k} {v}" for k, v in d.items())

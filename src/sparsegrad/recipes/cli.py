@@ -21,6 +21,7 @@ from .methods import METHOD_LABELS
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsegrad", description="SparseGrad fine-tuning of transformer MLPs")
+    parser.add_argument("--version", action="version", version=f"sparsegrad {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     ft = sub.add_parser("finetune", help="fine-tune and evaluate one model on one task with one method")
@@ -29,15 +30,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp = sub.add_parser("compare", help="run several methods on the same task and seeds; one table")
     cmp.add_argument("--methods", nargs="+", default=["ft", "lora", "meprop", "sparsegrad"], choices=METHOD_LABELS,
-                     help="method labels; sparsegrad-fixed / sparsegrad-dynamic pick the SparseGrad mode")
+                     help="method labels; sparsegrad-fixed / sparsegrad-dynamic pick the SparseGrad mode "
+                          "(default ft lora meprop sparsegrad)")
     add_arguments(cmp, RunConfig, skip=("method",))
-    add_arguments(cmp, CommandOptions, group="command", defaults={"output_dir": None})
+    add_arguments(cmp, CommandOptions, group="command",
+                  help={"output_dir": "where results go (default: sparsegrad-runs/compare-<task>-<time>)"})
 
     from ..bench import add_bench_commands  # the benchmarks plug in here; they build on the recipes
 
     add_bench_commands(sub.add_parser("bench", help="benchmarks: the paper's tables measured here, and the "
                                                     "results page"))
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("sparsegrad-ft")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "(not installed)"
 
 
 def reuse_story(cfg: RunConfig, out: Path, seed: int, adapter_bytes: int | None) -> str:

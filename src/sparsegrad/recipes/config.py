@@ -69,7 +69,7 @@ class RunConfig:
     batch_size: int = option(16, "examples per process and micro-batch")
     grad_accum: int = option(1, "micro-batches per optimizer step")
     lr: float | None = option(None, "peak learning rate (linear warm-up and decay); default: the method's, per "
-                                    "kind of task and --rest (README 'Learning rates')")
+                                    "kind of task and --rest (docs/learning-rates.md)")
     weight_decay: float = option(0.01, "AdamW weight decay (none on biases and norms)")
     warmup_ratio: float = option(0.06, "share of the steps spent warming the learning rate up")
     max_grad_norm: float = option(1.0, "gradient clipping norm (0: off)")
@@ -80,7 +80,7 @@ class RunConfig:
     seed: int = option(0, "the run's seed (the command line takes several with --seeds)", flag="")
     mixed_precision: str = option("no", "autocast precision", choices=("no", "bf16", "fp16"))
     dtype: str = option("float32", "the model's weights: bfloat16 / float16 halve their memory (SparseGrad folds "
-                        "its updates into them exactly; see README 'Precision')",
+                        "its updates into them exactly; see docs/api.md, 'Precision and memory')",
                         choices=("float32", "bfloat16", "float16"))
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, the same run")
     compile: bool = option(False, "torch.compile the training forward and backward (one graph with fixed "
@@ -142,11 +142,12 @@ def _base_type(tp):
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...] = (), defaults: dict | None = None,
-                  group: str | None = None) -> None:
-    """One option per field of the dataclass `cls` (--field-name), its help and default from the field."""
+                  group: str | None = None, help: dict[str, str] | None = None) -> None:
+    """One option per field of the dataclass `cls` (--field-name), its help and default from the field
+    (`defaults`, `help`: others for some fields, for a command where they mean something else)."""
     hints = typing.get_type_hints(cls)
     target = parser.add_argument_group(group) if group else parser
-    defaults = defaults or {}
+    defaults, help = defaults or {}, help or {}
     for f in dataclasses.fields(cls):
         meta = f.metadata
         if f.name in skip or meta.get("flag") == "":
@@ -154,7 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, skip: tuple[str, ...]
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else f.default_factory())
         tp, is_list = _base_type(hints[f.name])
         flags = [meta.get("flag") or "--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
-        help_text = meta.get("help", "") + (f" (default {default})" if default not in (None, False, []) else "")
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        help_text = help.get(f.name) or meta.get("help", "") + (f" (default {shown})" if default not in (None, False, [])
+                                                                  else "")
         if tp is bool:
             target.add_argument(*flags, dest=f.name, action="store_true", help=help_text)
         else:

@@ -174,9 +174,9 @@ def run_story(cfg: RunConfig, data: TaskData, out: Path, seeds: list[int]) -> st
     cfg = cfg.with_default_lr()
     return "\n".join([
         f"model   {model}",
-        f"data    {data.task.name}: {len(data.train):,} training / {splits} examples{classes} ({data.source})",
-        f"method  {method}{f' at {size}' if size else ''} of the MLP linears; --rest {rest} ({rest_says}); "
-        f"lr {cfg.lr:g}, batch {cfg.batch_size}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}",
+        f"data    {data.task.name}: {len(data.train):,} training / {splits} examples{classes}; from {data.source}",
+        (f"method  {method}{f' at {size}' if size else ''} of the MLP linears; --rest {rest} ({rest_says}); "
+         f"lr {cfg.lr:g}, batch {cfg.batch_size}, seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"),
         f"output  {out}/",
     ])
 

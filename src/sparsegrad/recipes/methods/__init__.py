@@ -38,7 +38,7 @@ METHOD_ALIASES = {"regular": "ft", "full": "ft", "full_ft": "ft", "regular_ft": 
 
 # The default peak learning rate per (kind of task, rest, method label), chosen by the benchmarks' fair
 # protocol: classification's by the best mean held-out score over the GLUE tasks that measure something
-# (bench.glue.default_lrs), chat's by the chat bench's search. README "Learning rates" gives the evidence;
+# (bench.glue.default_lrs), chat's by the chat bench's search. docs/learning-rates.md gives the evidence;
 # a test keeps these equal to what the committed records choose. What is not listed takes FALLBACK_LR.
 DEFAULT_LR: dict[tuple[str, str, str], float] = {
     # the PEFT setting of classification (only the head besides the method): CoLA, MRPC, SST-2 with MiniLM
