@@ -16,13 +16,16 @@ def sparse_layers(model: nn.Module) -> dict[str, SparseLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SparseLinear)}
 
 
+DEFAULT_DENSITY = 0.01  # the paper's 1% of each layer's entries
+
+
 def layer_k(d_in: int, d_out: int, density: float | None, n_params: int | None) -> int:
     """k for one layer: `n_params`, or round(density * d_in * d_out)."""
     if density is not None and n_params is not None:
         raise ValueError("pass density or n_params, not both")
     if n_params is not None:
         return check_k(n_params, d_in, d_out)
-    density = 0.01 if density is None else density
+    density = DEFAULT_DENSITY if density is None else density
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
         raise ValueError(f"density={density!r} is out of range: choose a share of the layer's entries in (0, 1], e.g. 0.01")
     return check_k(max(1, round(density * d_in * d_out)), d_in, d_out)

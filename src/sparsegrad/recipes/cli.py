@@ -58,10 +58,11 @@ def reuse_story(cfg: RunConfig, out: Path, seed: int, adapter_bytes: int | None)
     from .tasks import get_task
 
     task = get_task(cfg.task)
+    kind = kind_of(task)
     folder = out / f"seed-{seed}" / "adapter"
     size = f" ({adapter_bytes / 2**20:,.1f} MB)" if adapter_bytes else ""
-    model = repr(cfg.model) if cfg.model else kind_of(task).default_model_call
-    auto = kind_of(task).auto_model().__name__
+    model = repr(cfg.model) if cfg.model else kind.default_model_call
+    auto = kind.auto_model().__name__
     labels = f", num_labels={task.num_labels}" if task.kind == "classification" else ""
     return (f"adapter {folder}/{size}\n"
             f"reuse   sparsegrad.load_adapter({auto}.from_pretrained({model}{labels}), \"{folder}\")  "

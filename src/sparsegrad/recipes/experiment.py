@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+from sparsegrad.model import DEFAULT_DENSITY
 from sparsegrad.targets import find_targets
 from sparsegrad.util import write_json_atomic, write_text_atomic
 
@@ -166,9 +167,10 @@ def run_story(cfg: RunConfig, data: TaskData, out: Path, seeds: list[int]) -> st
     splits = ", ".join(f"{len(examples):,} {name}" for name, examples in data.eval.items())
     classes = f", {data.task.num_labels} classes" if data.task.labels else ""
     method = method_label(cfg.method, cfg.mode if cfg.method == "sparsegrad" else None)
-    size = (f"{cfg.n_params:,} entries" if cfg.n_params is not None else f"density {cfg.density or 0.01:g}") \
+    density = DEFAULT_DENSITY if cfg.density is None else cfg.density
+    size = (f"{cfg.n_params:,} entries" if cfg.n_params is not None else f"density {density:g}") \
         if cfg.method in ("sparsegrad", "meprop") else ""
-    rest = cfg.rest or kind.default_rest
+    rest = cfg.rest  # resolved by RunConfig: the kind's default where none was given
     rest_says = {"all": "every other parameter trains too", "head": "and the task head",
                  "none": "the MLP part alone"}[rest]
     cfg = cfg.with_default_lr()
