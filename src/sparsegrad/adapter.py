@@ -1,7 +1,8 @@
 """Adapters: save only what training changed, and put it back onto a fresh base model.
 
 A folder holding
-    adapter_config.json         format, base model, and per layer: mode, shapes, k, role
+    adapter_config.json         format, base model, and per layer: mode (and the fixed support's structure),
+                                shapes, k, role
     adapter_model.safetensors   per SparseGrad layer its trained entries of S (d_in, d_out) as
                                 (rows, cols, values) with int16 indices where they fit, the rows of U
                                 and V they need (once per role),
@@ -105,6 +106,8 @@ def save_adapter(model: nn.Module, folder: str | Path, *, base_model: str | None
         entries = entry_tensors(layer)  # values in the layer's (master) dtype
         records[name] = {"mode": layer.mode, "in_features": layer.in_features, "out_features": layer.out_features,
                          "k": layer.k, "entries": int(entries["values"].numel()), "role": role_of(name)}
+        if layer.mode == "fixed":
+            records[name]["structure"] = layer.structure
         tensors |= {f"{name}.{key}": t for key, t in entries.items()}
         trained[name] = layer
     bases_ref = None

@@ -14,7 +14,8 @@ bases are float32), each rank its own rows when sharded (sharding.py).
 
 Two selections of S's trained entries, two classes sharing the bases and the autograd function:
     FixedSparseGradLinear    S is non-zero on a support of k entries chosen once from the
-                             preliminary phase's energy; the k values are a dense parameter
+                             preliminary phase's energy, scattered (the top-k) or a block of
+                             r rows x c columns (cheaper); the k values are a dense parameter
                              (``values``), optimizer state O(k); their gradient is computed
                              exactly at the support (support.py).
     DynamicSparseGradLinear  the paper: S is a dense (d_in, d_out) parameter (``delta``) whose
@@ -33,7 +34,7 @@ from .folding import Change
 from .meprop import MePropLinear
 from .shared_bases import SharedBases
 from .sparse_linear import LOW_PRECISION, SparseLinear, keep_precision, linear_weight, master_dtype, sparse_entries
-from .support import SupportPlan, topk_support
+from .support import STRUCTURES, SupportPlan, choose_support
 
 
 class SparseGradLinear(SparseLinear):
@@ -105,7 +106,7 @@ class SparseGradLinear(SparseLinear):
         if cls is SparseGradLinear:
             target = layer_class(mode or "fixed")
             if target is not FixedSparseGradLinear:  # the support and its energy belong to the fixed mode
-                kwargs = {k_: v for k_, v in kwargs.items() if k_ not in ("energy", "support")}
+                kwargs = {k_: v for k_, v in kwargs.items() if k_ not in ("energy", "support", "structure")}
             if target is MePropLinear:
                 return MePropLinear.from_linear(module, k=k)
             return target.from_linear(module, k=k, **kwargs)
@@ -288,8 +289,12 @@ class FixedSparseGradLinear(SparseGradLinear):
 
     @classmethod
     def from_linear(cls, module: nn.Module, *, k: int, mode: str | None = None,
-                    energy: torch.Tensor | None = None, support=None, **kwargs) -> FixedSparseGradLinear:
-        """The support is `support`, or the top-k entries of `energy` (d_in, d_out) from the preliminary phase."""
+                    energy: torch.Tensor | None = None, support=None, structure: str = "scattered",
+                    **kwargs) -> FixedSparseGradLinear:
+        """The support is `support`, or k entries of `energy` (d_in, d_out) from the preliminary phase: the top-k
+        (structure "scattered") or a block of them ("block"; support.block_support)."""
+        if structure not in STRUCTURES:
+            raise ValueError(f"structure={structure!r} is not one of {STRUCTURES}")
         if support is None:
             w = linear_weight(module)
             d_out, d_in = w.shape
@@ -297,12 +302,26 @@ class FixedSparseGradLinear(SparseGradLinear):
                 raise ValueError("mode='fixed' needs the bases' energy to choose its support")
             if tuple(energy.shape) != (d_in, d_out):
                 raise ValueError(f"energy has shape {tuple(energy.shape)}, this layer needs ({d_in}, {d_out})")
-            support = topk_support(energy.to(w.device), k)
+            support = choose_support(energy.to(w.device), k, structure)
         return super().from_linear(module, k=k, mode=mode, support=support, **kwargs)
 
     @property
     def trainable(self) -> nn.Parameter:
         return self.values
+
+    @property
+    def structure(self) -> str:
+        """"block" when the support fills r rows x c columns of S (its gradient then takes dense products only),
+        else "scattered"."""
+        return "scattered" if self._support_plan().block_cols is None else "block"
+
+    def extra_repr(self) -> str:
+        plan = None if self.rows.is_meta else self._support_plan()
+        if plan is None or plan.block_cols is None:
+            return super().extra_repr()
+        shape = (plan.uniq_rows.numel(), plan.block_cols.numel())  # in plan orientation
+        r, c = shape[::-1] if plan.transposed else shape
+        return f"{super().extra_repr()}, block {r}x{c}"
 
     def _build_plan(self) -> None:
         """The support's plan, built whenever the support is set or moves (reading it back once), never in a

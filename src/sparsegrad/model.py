@@ -8,6 +8,7 @@ from .basis import Bases
 from .layer import MODES, layer_class
 from .shared_bases import BasesPerRole
 from .sparse_linear import SparseLinear, check_k, in_out_features, master_dtype
+from .support import STRUCTURES
 from .targets import Blocks, Targets, find_targets, set_submodule
 
 
@@ -38,6 +39,7 @@ def apply(
     density: float | None = None,
     n_params: int | None = None,
     mode: str = "fixed",
+    structure: str = "scattered",
     targets: Targets = None,
     blocks: Blocks = None,
 ) -> nn.Module:
@@ -45,12 +47,20 @@ def apply(
 
     k per layer is `n_params`, or `density * d_in * d_out` (default density 0.01,
     the paper's 1%). "fixed" and "dynamic" need `bases` from compute_bases;
-    "meprop" needs none. The model's outputs are unchanged right after.
+    "meprop" needs none. `structure` is the fixed mode's support: "scattered" (the top-k entries of the
+    preliminary phase's energy, the paper's) or "block" (k entries in r rows x c columns of S: the gradient
+    and the fold then cost about r rows' worth; see support.block_support). The model's outputs are unchanged
+    right after.
     Other parameters keep their requires_grad flags. `blocks` narrows the targets to some
     blocks (a list of indices, or "every:3"; see sparsegrad.targets.parse_blocks).
     """
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not one of {MODES}")
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure={structure!r} is not one of {STRUCTURES}")
+    if structure != "scattered" and mode != "fixed":
+        raise ValueError(f"structure={structure!r} shapes the fixed mode's support: use it with mode='fixed' "
+                         f"(mode={mode!r} chooses its entries at every step)")
     if sparse_layers(model):
         raise ValueError("this model already holds SparseGradLinear layers: sparsegrad.apply was called twice; "
                          "call sparsegrad.merge(model) first to start again")
@@ -85,7 +95,7 @@ def apply(
             layer = cls.from_linear(module, k=k)
         else:
             device, dtype = module.weight.device, master_dtype(module.weight.dtype)  # bases of bf16 layers: float32
-            extra = {"energy": energy} if mode == "fixed" else {}
+            extra = {"energy": energy, "structure": structure} if mode == "fixed" else {}
             layer = cls.from_linear(module, k=k, bases=roles.get(U, V, device, dtype), **extra)
         set_submodule(model, name, layer)
     return model

@@ -24,7 +24,7 @@ from torch import nn
 
 from .layer import FixedSparseGradLinear
 from .sparse_linear import LOW_PRECISION
-from .support import topk_support
+from .support import choose_support
 
 
 class SupportRefresh:
@@ -84,7 +84,7 @@ def refresh_support(layer: FixedSparseGradLinear) -> torch.Tensor:
     rows, cols, values = layer.trained_entries()  # the whole S: support, then frozen entries
     all_key, by_key = torch.sort(rows * d_out + cols)
     all_values = values[by_key]
-    new_rows, new_cols = topk_support(layer.energy, layer.k)
+    new_rows, new_cols = choose_support(layer.energy, layer.k, layer.structure)
     new_key = new_rows * d_out + new_cols
     frozen = ~torch.isin(all_key, new_key)
     layer.set_support(new_rows, new_cols, _lookup(all_key, all_values, new_key, 0.0),

@@ -1,4 +1,4 @@
-"""The fixed support's kernels: the gradient of S at k scattered entries, and the fold of S into W.
+"""The fixed support: how it is chosen, the gradient of S at its k entries, and the fold of S into W.
 
 In paper orientation the weight gradient is G = x^T dy (d_in, d_out); with the bases U (d_in, d_in)
 and V (d_out, d_out) the transformed gradient is U G V^T. At a support of k entries only
@@ -7,6 +7,15 @@ and V (d_out, d_out) the transformed gradient is U G V^T. At a support of k entr
 
 is needed: rotate the side of the support with fewer distinct indices (the rows of U it touches,
 or of V), then take a sampled product at the entries (see docs/method.md, "The fixed support").
+
+Two structures of the support, both chosen from the preliminary phase's energy (d_in, d_out):
+    scattered  the k largest entries anywhere (the paper's choice): they touch nearly every row and
+               column, so the gradient there needs the whole transformed gradient.
+    block      k entries filling r rows x c columns of S row by row (the last row partly): the
+               gradient needs U's r rows and V's c rows only -- t r (d_in + d_out) + k c' products for
+               t tokens instead of t d_in d_out -- and a dense (r, n) @ (n, c) at the end; the fold
+               is over r rows. r is small: the block keeps most of the top-k's energy because HOSVD
+               orders the bases by energy (docs/method.md, "The block support").
 """
 from __future__ import annotations
 
@@ -19,12 +28,58 @@ from torch.autograd.profiler import record_function
 from .sparse_linear import check_k
 
 
+STRUCTURES = ("scattered", "block")
+BLOCK_MAX_ROWS = 64  # a block's narrow side: the fold costs about r / tokens of a forward pass
+
+
 def topk_support(energy: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-major sorted (rows, cols) of the k largest entries of `energy` (d_in, d_out)."""
     d_in, d_out = energy.shape
     check_k(k, d_in, d_out)
     flat = torch.topk(energy.reshape(-1).float(), k, sorted=False).indices.sort().values
     return flat // d_out, flat % d_out
+
+
+def block_support(energy: torch.Tensor, k: int, max_rows: int = BLOCK_MAX_ROWS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-major sorted (rows, cols) of k entries of `energy` (d_in, d_out) filling a block of r x c, its narrow
+    side r along S's rows or its columns.
+
+    The shapes tried: r narrow indices, a power of 2 up to max_rows (or, where none can hold k, the fewest
+    that can), and c = ceil(k / r) wide ones: the r indices of most energy, then the c of most energy within
+    them; the narrow index of least energy holds the k - (r - 1) c entries of most energy in its row. The
+    shape keeping the most energy wins (ties: the first tried, fewer rows)."""
+    d_in, d_out = energy.shape
+    check_k(k, d_in, d_out)
+    energy = energy.double()
+    sides = ((False, energy), (True, energy.t()))
+    shapes = [(t, r) for t, e in sides for r in (2**j for j in range(max_rows.bit_length()))
+              if r <= min(max_rows, e.shape[0]) and r * e.shape[1] >= k]
+    shapes = shapes or [(t, -(-k // e.shape[1])) for t, e in sides if -(-k // e.shape[1]) <= e.shape[0]]
+    best = None
+    for transposed, r in shapes:
+        e = energy.t() if transposed else energy  # narrow side along its rows
+        c = -(-k // r)
+        r = -(-k // c)  # the rows that c entries each need
+        rows = e.sum(1).topk(r).indices
+        cols = e[rows].sum(0).topk(c).indices
+        last = k - (r - 1) * c  # entries in the last (least energy) row
+        part = cols[e[rows[-1], cols].topk(last).indices]
+        kept = float(e[rows[:-1]][:, cols].sum() + e[rows[-1], part].sum())
+        if best is None or kept > best[0]:
+            best = (kept, transposed, rows, cols, part)
+    _, transposed, rows, cols, part = best
+    narrow = torch.cat((rows[:-1].repeat_interleave(cols.numel()), rows[-1:].expand(part.numel())))
+    wide = torch.cat((cols.repeat(rows.numel() - 1), part))
+    rows, cols = (wide, narrow) if transposed else (narrow, wide)
+    order = torch.argsort(rows * d_out + cols)
+    return rows[order], cols[order]
+
+
+def choose_support(energy: torch.Tensor, k: int, structure: str = "scattered") -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of a fixed support of k entries of `energy` (d_in, d_out), of the given structure."""
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure={structure!r} is not one of {STRUCTURES}")
+    return block_support(energy, k) if structure == "block" else topk_support(energy, k)
 
 
 @dataclass
@@ -34,7 +89,10 @@ class SupportPlan:
     In plan orientation the matrix is (m, n) = (d_in, d_out), or (d_out, d_in)
     when `transposed`; `a` (m, m) rotates its rows and `b` (n, n) its columns.
     Entries are sorted by (row, col) in plan orientation, as a CSR pattern over
-    the r distinct rows; `order` maps them back to the caller's order.
+    the r distinct rows; `order` maps them back to the caller's order. A block
+    support (its entries fill r rows x c columns, the last row at least partly)
+    also keeps its c columns and each entry's place in the dense (r, c) block:
+    its gradient is then dense products only.
     """
 
     transposed: bool
@@ -44,6 +102,8 @@ class SupportPlan:
     cols: torch.Tensor  # (k,) int32 plan column of each entry (the layer's own buffer when in plan order)
     n: int  # plan columns
     all_rows: bool = False  # each layer's rows are all m rows, in order (uniq_rows is then arange(m) per layer)
+    block_cols: torch.Tensor | None = None  # (c,) a block support's distinct plan columns, sorted
+    block_pos: torch.Tensor | None = None  # (k,) each entry's flat place in the dense (r, c) block
 
     @staticmethod
     def orientation(rows: torch.Tensor, cols: torch.Tensor) -> bool:
@@ -66,7 +126,15 @@ class SupportPlan:
         crow = torch.zeros(uniq_rows.numel() + 1, dtype=torch.int32, device=rows.device)
         crow[1:] = counts.cumsum(0)
         m = d_out if transposed else d_in
-        return SupportPlan(transposed, order, uniq_rows, crow, cols.to(torch.int32), n, uniq_rows.numel() == m)
+        block_cols = torch.unique(cols.long())  # sorted
+        c, block_pos = block_cols.numel(), None
+        if uniq_rows.numel() * c - cols.numel() < c:  # its r rows x c columns but for fewer than c entries: a block
+            row_of = torch.repeat_interleave(torch.arange(uniq_rows.numel(), device=rows.device), counts)
+            block_pos = row_of * c + torch.searchsorted(block_cols, cols.long())
+        else:
+            block_cols = None
+        return SupportPlan(transposed, order, uniq_rows, crow, cols.to(torch.int32), n, uniq_rows.numel() == m,
+                           block_cols, block_pos)
 
     def sides(self, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """A (d_in-side, d_out-side) pair, e.g. (U, V) or (x, dy), in plan orientation."""
@@ -79,27 +147,46 @@ class SupportPlan:
         """(a @ left^T right @ b^T) at the support, in caller order.
 
         left (t, m), right (t, n): the plan matrix is left^T right (G or G^T).
-        Forms the dense (m, n) gradient and its (r, n) rotation, or (t, r) rotated activations.
+        Forms the dense (m, n) gradient and its (r, n) rotation, or (t, r) rotated activations; a block
+        support may rotate both sides' activations instead: (t, r) and (t, c).
         """
-        t, m = left.shape
-        r = self.uniq_rows.numel()
         a_r = a[self.uniq_rows]  # (r, m)
-        if _rotate_activations(t, r, m, self.n):
-            with record_function("sparsegrad.rotated_activations"):
-                rot = (left @ a_r.t()).t() @ right  # rotated activations: (r, t) @ (t, n) -> (r, n)
-        else:
-            with record_function("sparsegrad.dense_weight_grad"):
-                g = left.t() @ right  # (m, t) @ (t, n): the dense gradient, as full FT computes it
-            with record_function("sparsegrad.rotate_rows"):
-                rot = a_r @ g  # (r, m) @ (m, n)
-            del g
-        with record_function("sparsegrad.sample_support"):
-            out = sampled_product(self.crow, self.cols, rot, b)  # (k,): rot[i] . b[j] at the entries
+        out = self._block(left, right, a_r, b) if self.block_cols is not None else self._sampled(left, right, a_r, b)
         if self.order is None:
             return out
         result = torch.empty_like(out)
         result[self.order] = out
         return result
+
+    def _rotated_rows(self, left: torch.Tensor, right: torch.Tensor, a_r: torch.Tensor) -> torch.Tensor:
+        """(r, n): the support's r rows of a_r left^T right, the cheaper way."""
+        (t, m), r = left.shape, a_r.shape[0]
+        if _rotate_activations(t, r, m, self.n):
+            with record_function("sparsegrad.rotated_activations"):
+                return (left @ a_r.t()).t() @ right  # rotated activations: (r, t) @ (t, n) -> (r, n)
+        with record_function("sparsegrad.dense_weight_grad"):
+            g = left.t() @ right  # (m, t) @ (t, n): the dense gradient, as full FT computes it
+        with record_function("sparsegrad.rotate_rows"):
+            return a_r @ g  # (r, m) @ (m, n)
+
+    def _sampled(self, left: torch.Tensor, right: torch.Tensor, a_r: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(k,) in plan order: the rotated rows, then a sampled product at the entries."""
+        rot = self._rotated_rows(left, right, a_r)
+        with record_function("sparsegrad.sample_support"):
+            return sampled_product(self.crow, self.cols, rot, b)  # (k,): rot[i] . b[j] at the entries
+
+    def _block(self, left: torch.Tensor, right: torch.Tensor, a_r: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """(k,) in plan order, of a block support: the dense (r, c) block, then its k entries."""
+        (t, m), r, c = left.shape, a_r.shape[0], self.block_cols.numel()
+        b_c = b[self.block_cols]  # (c, n)
+        if _rotate_both(t, r, c, m, self.n):
+            with record_function("sparsegrad.rotated_activations"):
+                block = (left @ a_r.t()).t() @ (right @ b_c.t())  # (r, t) @ (t, c)
+        else:
+            rot = self._rotated_rows(left, right, a_r)
+            with record_function("sparsegrad.block_columns"):
+                block = rot @ b_c.t()  # (r, n) @ (n, c)
+        return block.reshape(-1)[self.block_pos]
 
     @staticmethod
     def every_row(flat: torch.Tensor, d_in: int, d_out: int, layers: int = 1) -> SupportPlan:
@@ -178,6 +265,12 @@ def csr(crow: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tup
 def _rotate_activations(t: int, r: int, m: int, n: int) -> bool:
     """Is (left a_r^T)^T right cheaper than forming G = left^T right and rotating r of its rows?"""
     return t * r * (m + n) <= t * m * n + r * m * n
+
+
+def _rotate_both(t: int, r: int, c: int, m: int, n: int) -> bool:
+    """A block of r x c: is rotating both sides' activations, (left a_r^T)^T (right b_c^T), cheaper than rotating
+    r rows (r, n) of the gradient, the cheaper way, then their c columns?"""
+    return t * (r * m + c * n + r * c) < min(t * r * (m + n), t * m * n + r * m * n) + r * n * c
 
 
 # One opaque operator for torch.compile: the sparse CSR pattern is built and used inside it, so a

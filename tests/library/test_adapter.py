@@ -16,12 +16,12 @@ from sparsegrad.recipes.methods import prepare
 
 
 def _trained(tiny_llama_dir, batches, method="sparsegrad", mode="fixed", rest="none", dtype=torch.float32,
-             bases=None):
+             bases=None, structure="scattered"):
     """The tiny decoder after 4 steps of `method` (SparseGrad layers still in place)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=dtype)
     if method == "sparsegrad" and bases is None:
         bases = sparsegrad.compute_bases(model, batches[:2], n_steps=2, progress=False)
-    prepare(model, method, rest=rest, bases=bases, mode=mode, density=0.1)
+    prepare(model, method, rest=rest, bases=bases, mode=mode, structure=structure, density=0.1)
     opt = sparsegrad.optimizer(model, lr=1e-2)
     for batch in batches[2:]:
         model(**batch).loss.backward()
@@ -38,9 +38,12 @@ def _logits(model, batch) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode,rest,dtype,tol", [("fixed", "none", torch.float64, 1e-10),
                                                  ("dynamic", "none", torch.float64, 1e-10),
-                                                 ("fixed", "all", torch.float32, 2e-5)])
+                                                 ("fixed", "all", torch.float32, 2e-5),
+                                                 ("block", "none", torch.float64, 1e-10)])
 def test_adapter_reproduces_the_trained_model(tiny_llama_dir, chat_batches, tmp_path, mode, rest, dtype, tol):
-    model, _ = _trained(tiny_llama_dir, chat_batches, mode=mode, rest=rest, dtype=dtype)
+    structure = "block" if mode == "block" else "scattered"  # the fixed mode's block support
+    model, _ = _trained(tiny_llama_dir, chat_batches, mode="fixed" if mode == "block" else mode, rest=rest,
+                        dtype=dtype, structure=structure)
     info = save_adapter(model, tmp_path / "adapter", base_model=str(tiny_llama_dir))
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert len(config["layers"]) == 12 and config["bases"] == "embedded"

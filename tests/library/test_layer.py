@@ -7,7 +7,7 @@ from torch import nn
 import sparsegrad
 import sparsegrad.support as support_mod
 from sparsegrad import SparseGradLinear
-from sparsegrad.support import topk_support
+from sparsegrad.support import block_support, topk_support
 
 D_IN, D_OUT, K = 12, 20, 17
 f64 = torch.float64
@@ -114,16 +114,17 @@ def test_support_plans(monkeypatch, support_kind, rotate_activations):
     (the activations, or the dense G) give the exact gradient; a support given in any order is
     stored in plan order as int32 (values follow it), so the plan keeps no permutation or copy."""
     monkeypatch.setattr(support_mod, "_rotate_activations", lambda *shape: rotate_activations)
-    if support_kind == "few_rows":  # 3 distinct rows, all columns: rotate rows
-        rows = torch.tensor([1, 4, 9]).repeat_interleave(D_OUT)
-        cols = torch.arange(D_OUT).repeat(3)
-    else:  # all rows, 2 distinct columns: rotate columns
-        rows = torch.arange(D_IN).repeat(2)
-        cols = torch.tensor([3, 17]).repeat_interleave(D_IN)
+    if support_kind == "few_rows":  # 3 distinct rows, each half the columns (not a block): rotate rows
+        rows = torch.tensor([1, 4, 9]).repeat_interleave(D_OUT // 2)
+        cols = torch.cat((torch.arange(0, D_OUT, 2), torch.arange(1, D_OUT, 2), torch.arange(D_OUT // 2)))
+    else:  # 2 distinct columns, each half the rows: rotate columns
+        rows = torch.arange(D_IN)
+        cols = torch.tensor([3, 17]).repeat_interleave(D_IN // 2)
     perm = torch.randperm(rows.numel())  # any order in, same order out
     layer, lin = make_layer("fixed", support=(rows[perm], cols[perm]), k=rows.numel())
     plan = layer._support_plan()
     assert plan.transposed == (support_kind == "few_cols") and plan.order is None
+    assert plan.block_cols is None and layer.structure == "scattered"
     assert layer.rows.dtype == layer.cols.dtype == torch.int32
     assert plan.cols is (layer.rows if plan.transposed else layer.cols)
     assert set(zip(layer.rows.tolist(), layer.cols.tolist())) == set(zip(rows.tolist(), cols.tolist()))
@@ -294,3 +295,93 @@ def test_every_optimizer_step_is_folded_once_right_after_it(optimizer):
         folded = module.weight.detach().clone()
         module(x), module(x)
         assert torch.equal(module.weight, folded)
+
+
+# ---------------------------------------------------------------- the block support
+
+def block_layer(transposed: bool, k: int = 26, seed: int = 0) -> tuple[SparseGradLinear, nn.Linear]:
+    """A fixed layer whose support is a block of S: 4 rows x 7 columns less 2 entries (26), or its transpose."""
+    energy = torch.rand(D_IN, D_OUT, dtype=f64, generator=torch.Generator().manual_seed(seed))
+    rows, cols = torch.tensor([0, 2, 5, 11]), torch.tensor([1, 3, 4, 8, 13, 15, 19])
+    block = torch.zeros(D_IN, D_OUT, dtype=torch.bool)
+    block[rows[:, None], cols] = True
+    block[11, [4, 19]] = False  # the last row partly
+    if transposed:
+        block = torch.zeros(D_IN, D_OUT, dtype=torch.bool)
+        block[torch.tensor([0, 3, 4, 8, 9, 10, 11])[:, None], torch.tensor([2, 6, 7, 12])] = True
+        block[[6 - 6, 3], 12] = False
+    support = block.nonzero().unbind(1)
+    layer, lin = make_layer("fixed", support=support, k=int(block.sum()), seed=seed)
+    return layer, lin
+
+
+@pytest.mark.parametrize("path", ["both", "activations", "gradient"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_block_support_matches_linear_and_autograd(monkeypatch, path, transposed):
+    """A block support's gradient (dense products only: both sides' activations rotated, or r rows of the
+    gradient then c columns, from rotated activations or the dense G) is the exact dL/dS at its entries, and
+    the layer's output and input gradient are nn.Linear's, in float64."""
+    monkeypatch.setattr(support_mod, "_rotate_both", lambda *shape: path == "both")
+    monkeypatch.setattr(support_mod, "_rotate_activations", lambda *shape: path == "activations")
+    layer, lin = block_layer(transposed)
+    plan = layer._support_plan()
+    assert plan.block_cols is not None and plan.transposed == transposed and layer.structure == "block"
+    assert "block 7x4" in repr(layer) if transposed else "block 4x7" in repr(layer)
+    S, _, W_eff = effective_reference(layer, lin)
+    x = torch.randn(2, 9, D_IN, dtype=f64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    dy = torch.randn(2, 9, D_OUT, dtype=f64)
+    y, y_ref = layer(x), F.linear(x_ref, W_eff, lin.bias)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=1e-12)
+    y.backward(dy)
+    y_ref.backward(dy)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.values.grad, S.grad[layer.rows.long(), layer.cols.long()], rtol=0, atol=1e-12)
+
+    def perturbed(x, values):  # the values' gradient by finite differences too
+        sparsegrad.fold(layer)
+        return layer(x)
+
+    x = torch.randn(3, D_IN, dtype=f64, requires_grad=True)
+    assert torch.autograd.gradcheck(perturbed, (x, layer.values), eps=1e-6, atol=1e-8)
+
+
+def test_block_support_takes_the_energy_of_a_planted_block():
+    """k entries inside r x c, exactly k, sorted, none repeated; where the energy sits in a block, that block (the
+    last row: its entries of most energy), on the side that keeps more energy; within max_rows on its narrow side."""
+    energy = torch.rand(D_IN, D_OUT, dtype=f64, generator=torch.Generator().manual_seed(0)) * 0.01
+    planted_rows, planted_cols = torch.tensor([2, 7, 9]), torch.tensor([0, 5, 6, 10, 14, 18])
+    energy[planted_rows[:, None], planted_cols] = 1.0
+    energy[9, 18] = 0.5  # the least of the block: left out at k = 17
+    for e, transposed in ((energy, False), (energy.t().contiguous(), True)):
+        rows, cols = block_support(e, 17)
+        narrow, wide = (cols, rows) if transposed else (rows, cols)
+        d_out = e.shape[1]
+        flat = rows * d_out + cols
+        assert flat.numel() == 17 and flat.unique().numel() == 17 and torch.equal(flat, flat.sort().values)
+        assert set(narrow.tolist()) == set(planted_rows.tolist()) and set(wide.tolist()) == set(planted_cols.tolist())
+        assert (9, 18) not in set(zip(narrow.tolist(), wide.tolist()))
+    many = block_support(torch.rand(64, 256, dtype=f64), 2000, max_rows=4)  # 4 rows cannot hold 2,000
+    narrow_count = min(many[0].unique().numel(), many[1].unique().numel())
+    assert narrow_count in (8, 32) and many[0].numel() == 2000  # the fewest that can: 2000 / 256 or 2000 / 64
+    few = block_support(torch.rand(64, 256, dtype=f64), 300, max_rows=4)
+    assert min(few[0].unique().numel(), few[1].unique().numel()) <= 4
+    for k in (1, 5, D_IN * D_OUT):  # every size of layer share
+        rows, cols = block_support(torch.rand(D_IN, D_OUT), k)
+        assert (rows * D_OUT + cols).unique().numel() == k
+
+
+def test_block_structure_through_apply_and_state_dict(minilm, bbc_batches):
+    """apply(structure="block") gives every fixed layer a block of exactly its k entries on real MiniLM bases,
+    which keeps most of the top-k's energy; a state dict round-trips the support; bad structures name the fix."""
+    bases = sparsegrad.compute_bases(minilm, bbc_batches[:2], n_steps=2, progress=False)
+    sparsegrad.apply(minilm, bases, structure="block")
+    for name, layer in sparsegrad.sparse_layers(minilm).items():
+        assert layer.structure == "block" and layer.k == round(0.01 * layer.in_features * layer.out_features)
+        energy = bases.energy_for(name).double()
+        kept = energy[layer.rows.long(), layer.cols.long()].sum() / energy.flatten().topk(layer.k).values.sum()
+        assert kept > 0.5, name
+    with pytest.raises(ValueError, match="structure='rows' is not one of"):
+        sparsegrad.apply(sparsegrad.merge(minilm), bases, structure="rows")
+    with pytest.raises(ValueError, match="use it with mode='fixed'"):
+        sparsegrad.apply(minilm, bases, mode="dynamic", structure="block")

@@ -37,8 +37,7 @@ def setting():
 
 def converted(label: str, bases, dtype=torch.float32) -> torch.nn.Module:
     model = tiny_bert(dtype)
-    method, mode = split_label(label)
-    prepare(model, method, rest="all", bases=bases, mode=mode or "fixed", density=0.02)
+    prepare(model, **split_label(label), rest="all", bases=bases, density=0.02)
     for layer in sparsegrad.sparse_layers(model).values():
         layer.skip_zero_rows = False  # as on a GPU (see the module's docstring)
     return model

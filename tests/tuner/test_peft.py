@@ -40,11 +40,16 @@ def _train(model, batches, lr=1e-2):
     return model
 
 
-@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
-def test_peft_model_trains_as_the_library_does(tiny_llama_dir, chat_batches, bases, mode):
+OPTIONS = {"fixed": {"mode": "fixed"}, "dynamic": {"mode": "dynamic"}, "block": {"mode": "fixed", "structure": "block"}}
+
+
+@pytest.mark.parametrize("variant", list(OPTIONS))
+def test_peft_model_trains_as_the_library_does(tiny_llama_dir, chat_batches, bases, variant):
     """One layer, not two: get_peft_model + training gives the very model sparsegrad.apply gives."""
+    options = OPTIONS[variant]
+    mode = options["mode"]
     base_out = _logits(_model(tiny_llama_dir), chat_batches[0])
-    peft_model = get_peft_model(_model(tiny_llama_dir), SparseGradConfig(bases=bases, density=0.1, mode=mode))
+    peft_model = get_peft_model(_model(tiny_llama_dir), SparseGradConfig(bases=bases, density=0.1, **options))
     layers = [m for m in peft_model.modules() if isinstance(m, SparseGradLayer)]
     assert len(layers) == 12  # gate, up, down of 4 blocks
     assert torch.allclose(_logits(peft_model, chat_batches[0]), base_out, rtol=0, atol=1e-12)
@@ -52,7 +57,9 @@ def test_peft_model_trains_as_the_library_does(tiny_llama_dir, chat_batches, bas
     assert trainable == (sum(m.sparsegrad_layer["default"].k for m in layers) if mode == "fixed"
                          else sum(m.in_features * m.out_features for m in layers))  # dynamic: dense S
 
-    library = sparsegrad.apply(_model(tiny_llama_dir), bases, density=0.1, mode=mode)
+    library = sparsegrad.apply(_model(tiny_llama_dir), bases, density=0.1, **options)
+    structures = {layer.structure for layer in sparsegrad.sparse_layers(library).values() if mode == "fixed"}
+    assert structures <= {options.get("structure", "scattered")}
     for p in library.parameters():  # as peft: only SparseGrad's values train
         p.requires_grad_(False)
     for layer in sparsegrad.sparse_layers(library).values():
@@ -64,9 +71,9 @@ def test_peft_model_trains_as_the_library_does(tiny_llama_dir, chat_batches, bas
     assert torch.allclose(got, expected, rtol=0, atol=1e-10)
 
 
-@pytest.fixture(scope="module", params=["fixed", "dynamic"])
+@pytest.fixture(scope="module", params=list(OPTIONS))
 def trained(request, tiny_llama_dir, chat_batches, bases):
-    model = get_peft_model(_model(tiny_llama_dir), SparseGradConfig(bases=bases, density=0.1, mode=request.param))
+    model = get_peft_model(_model(tiny_llama_dir), SparseGradConfig(bases=bases, density=0.1, **OPTIONS[request.param]))
     return _train(model, chat_batches[2:])
 
 
@@ -86,6 +93,8 @@ def test_saved_adapter_reloads_and_merges(tiny_llama_dir, chat_batches, trained,
 
     loaded = PeftModel.from_pretrained(_model(tiny_llama_dir), tmp_path / "adapter")
     assert torch.allclose(_logits(loaded, chat_batches[0]), expected, rtol=0, atol=1e-10)
+    structures = {m.structure for m in trained.modules() if isinstance(m, SparseGradLinear) and m.mode == "fixed"}
+    assert structures == {m.structure for m in loaded.modules() if isinstance(m, SparseGradLinear) and m.mode == "fixed"}
     held = {id(m.bases) for m in loaded.modules() if isinstance(m, SparseGradLinear)}
     assert len(held) == 3  # one SharedBases per role (gate, up, down), loaded from the embedded rows
     merged = loaded.merge_and_unload()

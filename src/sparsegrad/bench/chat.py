@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work-dir", help="the runs while they train, and the bases (default: OUTPUT_DIR/work)")
     p.add_argument("--report-only", action="store_true", help="rebuild chat.json / chat.md from the records")
     add_workers_argument(p)
-    add_config_arguments(p, RunConfig, skip=("task", "method", "mode", "mixed_precision", "lr", "prompts",
+    add_config_arguments(p, RunConfig, skip=("task", "method", "mode", "structure", "mixed_precision", "lr", "prompts",
                                               "max_prompts", "max_new_tokens"), group="runs", defaults=PAPER_SETTING)
 
 
@@ -74,8 +74,7 @@ def run(args: argparse.Namespace) -> dict:
         work = Path(args.work_dir or out / "work")
 
         def group(label: str, setting: str, cfg: RunConfig, grid, extend: bool) -> dict:
-            method, mode = split_label(label)
-            cfg = replace(cfg, method=method, mode=mode or cfg.mode)
+            cfg = replace(cfg, **split_label(label))
             return group_spec(f"{setting} chat {label}", cfg, grid=grid, seeds=args.seeds, extend=extend,
                               records=out / "runs" / setting / "chat" / label, work=work / setting / label,
                               bases=work / "bases.safetensors", keys={"setting": setting, "method": label})

@@ -85,7 +85,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the training subset of every task (default: {TRAIN_SAMPLES['default']}; "
                         + ", ".join(f"{t} {n}" for t, n in TRAIN_SAMPLES.items() if t != "default") + ")")
     add_workers_argument(p)
-    add_config_arguments(p, RunConfig, skip=("task", "method", "mode", "rest", "lr", "lora_rank", "prompts",
+    add_config_arguments(p, RunConfig, skip=("task", "method", "mode", "structure", "rest", "lr", "lora_rank", "prompts",
                                               "max_prompts", "max_new_tokens", "max_train_samples"),
                          group="runs", defaults=PROTOCOL)
 

@@ -76,13 +76,14 @@ def _prepared(spec: dict):
     from ..recipes.methods import prepare, split_label
     from .llm import PAPER_N_PARAMS, TARGETS, build_decoder, identity_bases
 
-    method, mode = split_label(spec["method"])
+    options = split_label(spec["method"])
+    method = options["method"]
     device = torch.device(spec["device"])
     if spec["setting"] == "llama7b":  # built on the device, in bfloat16 (bench llm's decoder)
         model = build_decoder(LLAMA_BLOCKS, spec["model"], spec["device"])
         blocks, targets = list(range(0, LLAMA_BLOCKS, 3)), TARGETS[LLAMA_TARGETS]
         bases = identity_bases(find_targets(model, targets, blocks=blocks)) if method == "sparsegrad" else None
-        prepare(model, method, rest="all" if method == "ft" else "none", bases=bases, mode=mode or "fixed",
+        prepare(model, **options, rest="all" if method == "ft" else "none", bases=bases,
                 n_params=PAPER_N_PARAMS[spec["model"]], targets=targets, blocks=blocks, lora_rank=32)
         ids = torch.randint(0, model.config.vocab_size, (spec["batch_size"], spec["seq"]),
                             generator=torch.Generator().manual_seed(0))
@@ -90,7 +91,7 @@ def _prepared(spec: dict):
     else:
         model, batch = _classifier(spec)
         bases = Bases.load(spec["bases"]) if method == "sparsegrad" else None
-        prepare(model, method, rest="all", bases=bases, mode=mode or "fixed", density=0.01)
+        prepare(model, **options, rest="all", bases=bases, density=0.01)
     model.to(device).train()
     return model, {k: v.to(device) for k, v in batch.items()}
 

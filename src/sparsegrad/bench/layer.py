@@ -112,11 +112,11 @@ def _build(method: str, d_in: int, d_out: int, k: int, device):
         inject_lora(holder, ["dense"], rank)
         params = [p for p in holder.parameters() if p.requires_grad]
         return holder.dense, torch.optim.AdamW(params, lr=1e-4), sum(p.numel() for p in params), {"rank": rank}
-    name, mode = split_label(method)
-    mode = mode or name  # "meprop" or a SparseGrad mode
+    options = split_label(method)
+    mode = options.get("mode", options["method"])  # "meprop" or a SparseGrad mode
     kwargs = {} if mode == "meprop" else {"U": _orthogonal(d_in, device), "V": _orthogonal(d_out, device)}
     if mode == "fixed":
-        kwargs["energy"] = _spectral_energy(d_in, d_out, device)
+        kwargs |= {"energy": _spectral_energy(d_in, d_out, device), "structure": options.get("structure", "scattered")}
     layer = layer_class(mode).from_linear(linear, k=k, **kwargs)
     info = {}
     if mode == "fixed":

@@ -148,10 +148,10 @@ def measure(spec: dict) -> dict:
     """One (model, method, batch) measurement in this process; `spec` holds the run options."""
     torch.set_grad_enabled(True)
     device = torch.device(spec["device"])
-    method, mode = split_label(spec["method"])
+    options = split_label(spec["method"])
     model = build_model(spec["model"])
-    bases = Bases.load(spec["bases"]) if method == "sparsegrad" else None
-    info = prepare(model, method, rest=spec["rest"], bases=bases, mode=mode or "fixed", density=spec["density"])
+    bases = Bases.load(spec["bases"]) if options["method"] == "sparsegrad" else None
+    info = prepare(model, **options, rest=spec["rest"], bases=bases, density=spec["density"])
     del bases
     model.to(device).train()
     opt = optimizer(model, lr=1e-5, weight_decay=0.01)

@@ -33,8 +33,8 @@ def _run_methods(methods: list[str], cfg: RunConfig, out: Path, seeds: list[int]
     rows, failed = [], []
     shared_bases = bases
     for label in methods:
-        method, mode = split_label(label)
-        run_cfg = replace(cfg, method=method, mode=mode or cfg.mode)
+        run_cfg = replace(cfg, **split_label(label))
+        method = run_cfg.method
         spec = {"config": asdict(run_cfg), "out": str(out / label), "seeds": seeds, "optimize": optimize_trials,
                 "bases": shared_bases if method == "sparsegrad" else None, "resume": resume, "progress": progress}
         print(f"== {label}", file=sys.stderr, flush=True)

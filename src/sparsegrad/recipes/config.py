@@ -13,6 +13,8 @@ import typing
 from dataclasses import asdict, dataclass, field
 
 from .kinds import kind_of
+from sparsegrad.support import STRUCTURES
+
 from .methods import RESTS, SPARSEGRAD_MODES, canonical_method, default_lr
 from .tasks import get_task
 
@@ -47,6 +49,9 @@ class RunConfig:
     method: str = option("sparsegrad", "ft, lora, meprop or sparsegrad (also accepted: regular, full_ft, sparse, sg)",
                          aliases=("--run-type",))
     mode: str = option("fixed", "SparseGrad mode", choices=SPARSEGRAD_MODES)
+    structure: str = option("scattered", "the fixed mode's support: scattered (the top-k entries; the paper's) or "
+                                         "block (r rows x c columns of S: a cheaper gradient and fold)",
+                            choices=STRUCTURES)
     density: float | None = option(None, "share of each MLP weight that trains (default 0.01)")
     n_params: int | None = option(None, "entries that train per MLP layer (instead of --density)")
     rest: str | None = option(None, "'all': every non-MLP parameter trains too (the paper's GLUE; default); "
@@ -105,7 +110,7 @@ class RunConfig:
         if self.lr is not None:
             return self
         task = get_task(self.task)
-        return dataclasses.replace(self, lr=default_lr(task.kind, self.rest, self.method, self.mode))
+        return dataclasses.replace(self, lr=default_lr(task.kind, self.rest, self.method, self.mode, self.structure))
 
     def identity(self) -> dict:
         """The fields that must match for a folder to hold 'the same run' (compiling changes how it runs, not

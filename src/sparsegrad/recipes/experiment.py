@@ -81,6 +81,9 @@ def validate(cfg: RunConfig, bases: str | None = None) -> TaskData:
                          "to --method sparsegrad")
     if cfg.bases_warmup_steps and bases is not None:
         raise ValueError("--bases-warmup-steps computes the bases after the warm-up: leave --bases out")
+    if cfg.structure != "scattered" and (cfg.method, cfg.mode) != ("sparsegrad", "fixed"):
+        raise ValueError(f"--structure {cfg.structure} shapes the fixed mode's support: it belongs to --method "
+                         "sparsegrad --mode fixed")
     if cfg.refresh_steps is not None and (cfg.method, cfg.mode) != ("sparsegrad", "fixed"):
         raise ValueError("--refresh-steps re-chooses the fixed support: it belongs to --method sparsegrad --mode fixed")
     if cfg.refresh_steps is not None and (cfg.dtype != "float32" or cfg.fsdp):
@@ -166,7 +169,7 @@ def run_story(cfg: RunConfig, data: TaskData, out: Path, seeds: list[int]) -> st
     model = cfg.model or f"{kind.default_model_name} (embedded)"
     splits = ", ".join(f"{len(examples):,} {name}" for name, examples in data.eval.items())
     classes = f", {data.task.num_labels} classes" if data.task.labels else ""
-    method = method_label(cfg.method, cfg.mode if cfg.method == "sparsegrad" else None)
+    method = method_label(cfg.method, cfg.mode, cfg.structure)
     density = DEFAULT_DENSITY if cfg.density is None else cfg.density
     size = (f"{cfg.n_params:,} entries" if cfg.n_params is not None else f"density {density:g}") \
         if cfg.method in ("sparsegrad", "meprop") else ""

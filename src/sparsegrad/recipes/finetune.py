@@ -246,6 +246,7 @@ class FineTuneRecipe:
         cfg = self.cfg
         torch.manual_seed(cfg.seed)  # the same RNG stream from here on, whether bases were computed or loaded
         self.method_info = prepare(self.model, cfg.method, rest=cfg.rest, bases=self.bases, mode=cfg.mode,
+                                   structure=cfg.structure,
                                    density=cfg.density, n_params=cfg.n_params, targets=self.targets,
                                    lora_rank=cfg.lora_rank)
         defer_topk(self.model)  # top-k layers: the top-k of the complete (accumulated, all-reduced) gradient

@@ -8,6 +8,7 @@ from peft.config import PeftConfig
 
 from ..basis import Bases
 from ..layer import MODES
+from ..support import STRUCTURES
 from ..util import file_sha256
 
 PEFT_TYPE = "SPARSEGRAD"  # the key of this method in peft's look-up tables (see tuner/__init__.py)
@@ -39,6 +40,8 @@ class SparseGradConfig(PeftConfig):
         n_params: trained entries per layer, instead of a density.
         mode: "fixed" (a support chosen once from the preliminary phase's energy; exact gradient
             there) or "dynamic" (the paper: top-k of the transformed gradient at every step).
+        structure: the fixed mode's support: "scattered" (the top-k entries of the energy, the paper's)
+            or "block" (k entries in r rows x c columns of S: cheaper gradient and fold).
         bases: the preliminary phase's output: a ``Bases`` object (``sparsegrad.compute_bases``), or
             the path of a file written by ``Bases.save``. None when the adapter is loaded from a
             folder that embeds them, or when ``SparseGradCallback`` computes them from a
@@ -54,6 +57,7 @@ class SparseGradConfig(PeftConfig):
     density: float | None = field(default=None, metadata={"help": "share of each layer's entries trained"})
     n_params: int | None = field(default=None, metadata={"help": "entries trained per layer"})
     mode: str = field(default="fixed", metadata={"help": "'fixed' or 'dynamic'"})
+    structure: str = field(default="scattered", metadata={"help": "the fixed support: 'scattered' or 'block'"})
     bases: str | Bases | None = field(default=None, metadata={"help": "Bases object or bases file"})
     bases_sha256: str | None = field(default=None, metadata={"help": "of the bases file (set on save)"})
     embed_bases: bool = field(default=True, metadata={"help": "save the basis rows in the adapter"})
@@ -64,6 +68,10 @@ class SparseGradConfig(PeftConfig):
         self.peft_type = PEFT_TYPE
         if self.mode not in MODES or self.mode == "meprop":
             raise ValueError(f"mode={self.mode!r}: SparseGradConfig takes 'fixed' or 'dynamic'")
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure={self.structure!r}: SparseGradConfig takes one of {STRUCTURES}")
+        if self.structure != "scattered" and self.mode != "fixed":
+            raise ValueError(f"structure={self.structure!r} shapes the fixed mode's support: use it with mode='fixed'")
         if self.density is not None and self.n_params is not None:
             raise ValueError("pass density or n_params, not both")
         if isinstance(self.bases, Bases):

@@ -38,10 +38,11 @@ class SparseGradLayer(nn.Module, BaseTunerLayer):
 
     # ------------------------------------------------------------------ adapters
     def update_layer(self, adapter_name: str, *, k: int, mode: str, bases: SharedBases,
-                     support=None, energy: torch.Tensor | None = None, placeholder: bool = False) -> None:
-        """Add an adapter: S of `mode` with k entries in its role's `bases`.
+                     support=None, energy: torch.Tensor | None = None, structure: str = "scattered",
+                     placeholder: bool = False) -> None:
+        """Add an adapter: S of `mode` with k entries in its role's `bases` (fixed: the support of that structure).
         placeholder: the bases are zeros waiting for an adapter's saved entries (or the Trainer callback)."""
-        extra = {"support": support, "energy": energy} if mode == "fixed" else {}
+        extra = {"support": support, "energy": energy, "structure": structure} if mode == "fixed" else {}
         inner = layer_class(mode).from_linear(self.base_layer, k=k, bases=bases, borrow=True, **extra)
         # dynamic: the gradient stays whole through backward (the Trainer clips it, accumulation sums it) and
         # is cut to its top-k at the optimizer step (SparseGradCallback, or the step itself: folding.py)

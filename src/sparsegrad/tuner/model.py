@@ -21,7 +21,7 @@ from ..basis import Bases, compute_bases
 from ..model import layer_k
 from ..shared_bases import BasesPerRole, SharedBases
 from ..sparse_linear import check_plain_weight, master_dtype
-from ..support import topk_support
+from ..support import choose_support
 from ..targets import DEFAULT_TARGETS, find_targets
 from .config import SparseGradConfig
 from .layer import ENTRY_KEYS, SparseGradLayer, sparsegrad_linears
@@ -101,7 +101,7 @@ class SparseGradModel(BaseTuner):
             return {"bases": held, "support": (flat // d_out, flat % d_out), "placeholder": True}
         parts = {"bases": roles.get(*bases.for_layer(key), device, dtype)}
         if config.mode == "fixed":
-            parts["energy"] = bases.energy_for(key)
+            parts["energy"], parts["structure"] = bases.energy_for(key), config.structure
         return parts
 
     # ------------------------------------------------------------------ save / load (peft's hooks)
@@ -197,11 +197,13 @@ def fill_bases(model: nn.Module, bases: Bases, adapter_name: str = "default") ->
     """Give the adapter's layers their whole bases: those waiting for them also their support (fixed;
     S stays zero), those loaded with only the rows their entries use keep their entries."""
     roles = BasesPerRole()
+    structure = model.peft_config[adapter_name].structure
     for name, inner in sparsegrad_linears(model, adapter_name).items():
         key = _model_key(name)
         held = roles.get(*bases.for_layer(key), inner.U.device, inner.U.dtype)
         fixed_support = inner.placeholder and inner.mode == "fixed"
-        support = topk_support(bases.energy_for(key).to(held.U.device), inner.k) if fixed_support else None
+        support = (choose_support(bases.energy_for(key).to(held.U.device), inner.k, structure) if fixed_support
+                   else None)
         model.get_submodule(name).set_bases(adapter_name, held, support)
 
 

@@ -3,7 +3,8 @@
 - "ft":         the target MLP linears dense-trainable (regular fine-tuning);       ft.py
 - "lora":       peft LoRA on the same linears, rank matched to the sparse count;   lora.py
 - "meprop":     top-k of the weight gradient in the original space (k per layer);  meprop.py
-- "sparsegrad": top-k in the HOSVD basis ("fixed" or "dynamic" mode; needs bases). sparsegrad_method.py
+- "sparsegrad": top-k in the HOSVD basis ("fixed" or "dynamic" mode, the fixed support scattered or a
+                block; needs bases).                                             sparsegrad_method.py
 
 The rest of the model follows `rest`: "all" (the paper's GLUE setting: every non-MLP parameter
 trains), "head" (PEFT-style: only the task head, i.e. what lies outside `model.base_model`) or
@@ -18,6 +19,7 @@ from torch import nn
 from sparsegrad import Bases, trainable_parameters
 from sparsegrad.model import layer_k
 from sparsegrad.sparse_linear import in_out_features
+from sparsegrad.support import STRUCTURES
 from sparsegrad.targets import Blocks, Targets, find_targets
 
 from .base import Method, MethodOptions
@@ -28,8 +30,14 @@ from .sparsegrad_method import SparseGrad
 
 METHODS: dict[str, Method] = {m.name: m for m in (FullFineTuning(), LoRA(), MeProp(), SparseGrad())}
 SPARSEGRAD_MODES = ("fixed", "dynamic")
-# what `compare` and the benchmarks run: a method, or SparseGrad in one mode ("sparsegrad-fixed")
-METHOD_LABELS = (*METHODS, *(f"sparsegrad-{mode}" for mode in SPARSEGRAD_MODES))
+# what `compare` and the benchmarks run: a method, or SparseGrad in one mode ("sparsegrad-fixed") or with the
+# fixed mode's block support ("sparsegrad-block"); each label stands for its options (split_label)
+LABEL_OPTIONS: dict[str, dict] = {
+    **{name: {"method": name} for name in METHODS},
+    **{f"sparsegrad-{mode}": {"method": "sparsegrad", "mode": mode} for mode in SPARSEGRAD_MODES},
+    "sparsegrad-block": {"method": "sparsegrad", "mode": "fixed", "structure": "block"},
+}
+METHOD_LABELS = tuple(LABEL_OPTIONS)
 RESTS = ("all", "head", "none")
 # spellings accepted for --method (the authors' scripts call them run types)
 METHOD_ALIASES = {"regular": "ft", "full": "ft", "full_ft": "ft", "regular_ft": "ft", "sparse": "sparsegrad",
@@ -60,10 +68,9 @@ DEFAULT_LR: dict[tuple[str, str, str], float] = {
 FALLBACK_LR = 1e-4
 
 
-def default_lr(kind: str, rest: str, method: str, mode: str | None) -> float:
-    """The default lr of a method (mode: SparseGrad's) on a kind of task ("classification", "causal_lm")."""
-    label = method_label(method, mode if method == "sparsegrad" else None)
-    return DEFAULT_LR.get((kind, rest, label), FALLBACK_LR)
+def default_lr(kind: str, rest: str, method: str, mode: str | None, structure: str = "scattered") -> float:
+    """The default lr of a method (mode, structure: SparseGrad's) on a kind of task ("classification", "causal_lm")."""
+    return DEFAULT_LR.get((kind, rest, method_label(method, mode, structure)), FALLBACK_LR)
 
 
 def canonical_method(name: str) -> str:
@@ -74,16 +81,19 @@ def canonical_method(name: str) -> str:
     return key
 
 
-def split_label(label: str) -> tuple[str, str | None]:
-    """'sparsegrad-dynamic' -> ('sparsegrad', 'dynamic'); 'lora' -> ('lora', None)."""
-    method, _, mode = label.partition("-")
-    if label not in METHOD_LABELS:
+def split_label(label: str) -> dict:
+    """The run options a label stands for: 'sparsegrad-block' -> {'method': 'sparsegrad', 'mode': 'fixed',
+    'structure': 'block'}; 'lora' -> {'method': 'lora'}."""
+    if label not in LABEL_OPTIONS:
         raise ValueError(f"unknown method {label!r}: choose from {', '.join(METHOD_LABELS)}")
-    return method, mode or None
+    return dict(LABEL_OPTIONS[label])
 
 
-def method_label(method: str, mode: str | None) -> str:
-    return method + (f"-{mode}" if mode else "")
+def method_label(method: str, mode: str | None = None, structure: str = "scattered") -> str:
+    """The label of a run's options (mode and structure count for SparseGrad only)."""
+    if method != "sparsegrad" or mode is None:
+        return method
+    return "sparsegrad-block" if (mode, structure) == ("fixed", "block") else f"sparsegrad-{mode}"
 
 
 @dataclass
@@ -99,6 +109,7 @@ class MethodInfo:
     sparse_budget: int      # sum of k over layers at the requested density (what LoRA is matched to)
     total: int              # parameters of the model (frozen included; LoRA factors included)
     lora_rank: int | None = None
+    structure: str | None = None  # the fixed mode's support: "scattered" or "block"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -131,6 +142,7 @@ def prepare(
     rest: str = "all",
     bases: Bases | None = None,
     mode: str = "fixed",
+    structure: str = "scattered",
     density: float | None = None,
     n_params: int | None = None,
     targets: Targets = None,
@@ -146,11 +158,16 @@ def prepare(
                          "'head' (only the task head) or 'none' (only the MLP part of the method)")
     if chosen.needs_bases and mode not in SPARSEGRAD_MODES:
         raise ValueError(f"mode={mode!r}: SparseGrad runs in 'fixed' or 'dynamic' mode")
+    if structure not in STRUCTURES:
+        raise ValueError(f"structure={structure!r} is not one of {STRUCTURES}")
+    if structure != "scattered" and (chosen.name, mode) != ("sparsegrad", "fixed"):
+        raise ValueError(f"structure={structure!r} shapes the support of SparseGrad's fixed mode: it belongs to "
+                         "method 'sparsegrad' with mode 'fixed'")
     if chosen.needs_bases and bases is None:
         raise ValueError("method 'sparsegrad' needs bases (compute_bases, or --bases FILE)")
     layers = find_targets(model, targets, blocks=blocks)
     options = MethodOptions(budget=sparse_budget(layers, density, n_params), bases=bases, mode=mode,
-                            density=density, n_params=n_params, lora_rank=lora_rank, lora_alpha=lora_alpha)
+                            structure=structure, density=density, n_params=n_params, lora_rank=lora_rank, lora_alpha=lora_alpha)
     head = head_parameters(model) if rest == "head" else []
     reported = chosen.convert(model, layers, options)
 
@@ -164,7 +181,8 @@ def prepare(
     trainable_mlp = sum(chosen.train_mlp(m) for m in mlp_modules)
 
     return MethodInfo(
-        method=chosen.name, mode=mode if chosen.needs_bases else None, rest=rest, target_layers=len(layers),
+        method=chosen.name, mode=mode if chosen.needs_bases else None,
+        structure=structure if chosen.needs_bases and mode == "fixed" else None, rest=rest, target_layers=len(layers),
         trainable=trainable_parameters(model), trainable_mlp=trainable_mlp, sparse_budget=options.budget,
         total=sum(p.numel() for p in model.parameters()), lora_rank=reported.get("lora_rank"),
     )

@@ -15,6 +15,7 @@ class MethodOptions:
     budget: int                        # sum of k over the target layers (LoRA is matched to it)
     bases: Bases | None = None
     mode: str = "fixed"                # SparseGrad's selection
+    structure: str = "scattered"       # the fixed mode's support: scattered or block
     density: float | None = None
     n_params: int | None = None
     lora_rank: int | None = None

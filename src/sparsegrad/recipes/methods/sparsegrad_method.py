@@ -1,4 +1,5 @@
-"""SparseGrad: top-k in the HOSVD basis, `fixed` or `dynamic` selection (the library's own layers)."""
+"""SparseGrad: top-k in the HOSVD basis, `fixed` (scattered or block support) or `dynamic` selection (the
+library's own layers)."""
 from __future__ import annotations
 
 import sparsegrad
@@ -12,7 +13,7 @@ class SparseGrad(Method):
 
     def convert(self, model, layers, options: MethodOptions):
         sparsegrad.apply(model, options.bases, density=options.density, n_params=options.n_params,
-                         mode=options.mode, targets=sorted(layers))
+                         mode=options.mode, structure=options.structure, targets=sorted(layers))
         return {}
 
     def train_mlp(self, module):
