@@ -11,11 +11,12 @@ or of V), then take a sampled product at the entries (see docs/method.md, "The f
 Two structures of the support, both chosen from the preliminary phase's energy (d_in, d_out):
     scattered  the k largest entries anywhere (the paper's choice): they touch nearly every row and
                column, so the gradient there needs the whole transformed gradient.
-    block      k entries filling r rows x c columns of S row by row (the last row partly): the
-               gradient needs U's r rows and V's c rows only -- t r (d_in + d_out) + k c' products for
-               t tokens instead of t d_in d_out -- and a dense (r, n) @ (n, c) at the end; the fold
-               is over r rows. r is small: the block keeps most of the top-k's energy because HOSVD
-               orders the bases by energy (docs/method.md, "The block support").
+    block      k entries filling r rows x c columns of S (the last row partly), r the narrow side:
+               the gradient needs U's r rows and V's c rows only -- about t r (m + n) + k n
+               multiply-adds for t tokens instead of t m n, (m, n) the block's sides' dimensions --
+               in dense products; the fold is over r rows. r is small, and the block keeps most of the
+               top-k's energy, because HOSVD orders the bases by energy (docs/method.md, "The block
+               support").
 """
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ import torch
 from torch.autograd.profiler import record_function
 
 from .sparse_linear import check_k
-
 
 STRUCTURES = ("scattered", "block")
 BLOCK_MAX_ROWS = 64  # a block's narrow side: the fold costs about r / tokens of a forward pass

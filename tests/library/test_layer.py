@@ -299,9 +299,8 @@ def test_every_optimizer_step_is_folded_once_right_after_it(optimizer):
 
 # ---------------------------------------------------------------- the block support
 
-def block_layer(transposed: bool, k: int = 26, seed: int = 0) -> tuple[SparseGradLinear, nn.Linear]:
-    """A fixed layer whose support is a block of S: 4 rows x 7 columns less 2 entries (26), or its transpose."""
-    energy = torch.rand(D_IN, D_OUT, dtype=f64, generator=torch.Generator().manual_seed(seed))
+def block_layer(transposed: bool, seed: int = 0) -> tuple[SparseGradLinear, nn.Linear]:
+    """A fixed layer whose support is a block of S: 4 rows x 7 columns less 2 entries, or 7 x 4 less 2."""
     rows, cols = torch.tensor([0, 2, 5, 11]), torch.tensor([1, 3, 4, 8, 13, 15, 19])
     block = torch.zeros(D_IN, D_OUT, dtype=torch.bool)
     block[rows[:, None], cols] = True
@@ -309,10 +308,8 @@ def block_layer(transposed: bool, k: int = 26, seed: int = 0) -> tuple[SparseGra
     if transposed:
         block = torch.zeros(D_IN, D_OUT, dtype=torch.bool)
         block[torch.tensor([0, 3, 4, 8, 9, 10, 11])[:, None], torch.tensor([2, 6, 7, 12])] = True
-        block[[6 - 6, 3], 12] = False
-    support = block.nonzero().unbind(1)
-    layer, lin = make_layer("fixed", support=support, k=int(block.sum()), seed=seed)
-    return layer, lin
+        block[[0, 3], 12] = False  # the last column partly
+    return make_layer("fixed", support=block.nonzero().unbind(1), k=int(block.sum()), seed=seed)
 
 
 @pytest.mark.parametrize("path", ["both", "activations", "gradient"])

@@ -29,7 +29,7 @@ from ..recipes.config import add_arguments as add_config_arguments
 from ..recipes.methods import split_label
 from .protocol import add_workers_argument, cell, group_spec, read_records, run_groups, summarize
 
-METHODS = ("ft", "lora", "meprop", "sparsegrad-fixed", "sparsegrad-dynamic")
+METHODS = ("ft", "lora", "meprop", "sparsegrad-fixed", "sparsegrad-dynamic", "sparsegrad-block")
 GRID = (2.25e-4, 9e-4, 3.6e-3)  # around the paper's 9e-4 (Table 15)
 KEYS = ("setting", "task", "method")
 # the paper's setting (Table 6): up and down projections of every third block, 1 epoch

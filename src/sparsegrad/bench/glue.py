@@ -49,6 +49,7 @@ METHODS: dict[str, dict] = {
     "meprop": {"method": "meprop"},
     "sparsegrad-fixed": {"method": "sparsegrad", "mode": "fixed"},
     "sparsegrad-dynamic": {"method": "sparsegrad", "mode": "dynamic"},
+    "sparsegrad-block": {"method": "sparsegrad", "mode": "fixed", "structure": "block"},
 }
 LEVERS: dict[str, dict] = {
     "sparsegrad-refresh": {"method": "sparsegrad", "mode": "fixed", "refresh_steps": 50},

@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cmp = sub.add_parser("compare", help="run several methods on the same task and seeds; one table")
     cmp.add_argument("--methods", nargs="+", default=["ft", "lora", "meprop", "sparsegrad"], choices=METHOD_LABELS,
-                     help="method labels; sparsegrad-fixed / sparsegrad-dynamic pick the SparseGrad mode "
+                     help="method labels; sparsegrad-fixed / sparsegrad-dynamic pick the SparseGrad mode, "
+                          "sparsegrad-block the fixed mode with --structure block "
                           "(default ft lora meprop sparsegrad)")
     add_arguments(cmp, RunConfig, skip=("method",))
     add_arguments(cmp, CommandOptions, group="command",

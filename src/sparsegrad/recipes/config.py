@@ -12,9 +12,9 @@ import types
 import typing
 from dataclasses import asdict, dataclass, field
 
-from .kinds import kind_of
 from sparsegrad.support import STRUCTURES
 
+from .kinds import kind_of
 from .methods import RESTS, SPARSEGRAD_MODES, canonical_method, default_lr
 from .tasks import get_task
 

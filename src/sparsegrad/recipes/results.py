@@ -10,6 +10,8 @@ import numpy as np
 
 from sparsegrad.util import write_json_atomic
 
+from .methods import method_label
+
 
 class _Record:
     """JSON round trip of a results dataclass; unknown keys (from newer files) are ignored."""
@@ -77,7 +79,8 @@ class RunResult(_Record):
 
     @property
     def label(self) -> str:
-        return self.method["method"] + (f"-{self.method['mode']}" if self.method.get("mode") else "")
+        m = self.method
+        return method_label(m["method"], m.get("mode"), m.get("structure") or "scattered")
 
 
 @dataclass
