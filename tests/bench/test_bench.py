@@ -495,3 +495,34 @@ def test_gpu_bench_runs_every_setting_and_keeps_to_its_budget(tmp_path, capsys):
     assert "Not run within the 0 s budget" in capsys.readouterr().out
     assert main(["bench", "report", "--results", str(out), "--output", str(page)]) == 0
     assert "## The GPU check" in page.read_text()
+
+
+@pytest.mark.parametrize("shape,tokens,k", [((48, 160), 64, 77), ((160, 48), 64, 77), ((48, 160), 2, 77),
+                                            ((8, 160), 512, 1280)])
+def test_support_bench_counts_the_flops_the_kernels_run(shape, tokens, k):
+    """bench support's arithmetic for a block support's gradient is what torch counts the kernel doing (every path:
+    rotated activations, dense gradient, both sides rotated), and the block costs a fraction of the scattered
+    support's and of full FT's weight gradient; the table's ratios come from one count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sparsegrad.bench.support import flops_rows, flops_table, gradient_macs
+    from sparsegrad.support import SupportPlan, block_support
+
+    d_in, d_out = shape
+    energy = torch.rand(d_in, d_out, generator=torch.Generator().manual_seed(0)) ** 8
+    plan = SupportPlan.build(*block_support(energy, k), d_in, d_out)
+    assert plan.block_cols is not None
+    U, V = torch.linalg.qr(torch.randn(d_in, d_in))[0], torch.linalg.qr(torch.randn(d_out, d_out))[0]
+    x, dy = torch.randn(tokens, d_in), torch.randn(tokens, d_out)
+    with FlopCounterMode(display=False) as counter:
+        plan.gather(*plan.sides(x, dy), *plan.sides(U, V))
+    assert counter.get_total_flops() == 2 * gradient_macs(plan, d_in, d_out, tokens)
+
+    rows = flops_rows(0.01)
+    by = {(r["model"], r["entries"], r["method"].split(" ")[0]): r for r in rows}
+    for model in ("MiniLM", "RoBERTa-base"):
+        block, fixed, ft = (by[model, "1%", m] for m in ("sparsegrad-block", "sparsegrad-fixed", "ft"))
+        assert block["trained_grad"] < fixed["trained_grad"] / 2 and block["trained_grad"] < ft["trained_grad"] / 2
+        assert block["fold"] < fixed["fold"] / 2
+        assert by[model, "1%", "lora"]["total_vs_lora"] == 1.0
+    assert "| LLaMA-2-7B 4096->11008 (512) | 100k (100,000) | sparsegrad-block |" in flops_table(rows)

@@ -6,6 +6,7 @@
     llm     LLaMA-2-7B shapes in bfloat16: peak memory and state per method, projected to 32 blocks
     sharded FSDP2 at 1, 2, 4 processes: bytes per process, projected per GPU for 7B and 70B
     bases   the preliminary phase: streaming Gram sums against unfold-and-SVD
+    support the fixed mode's supports, scattered and block: FLOPs, CPU step time, energy kept
     glue    methods x GLUE tasks, each at its own lr, PEFT and paper settings, and the levers (Table 4)
     chat    instruction tuning of the embedded decoder per method (Table 6)
     adapter the peft adapter's size, bases embedded or by reference, against LoRA
@@ -17,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 
-from . import adapter, bases, chat, glue, gpu, layer, llm, report, sharded, speed
+from . import adapter, bases, chat, glue, gpu, layer, llm, report, sharded, speed, support
 
-BENCHES = {"gpu": gpu, "layer": layer, "speed": speed, "llm": llm, "sharded": sharded, "bases": bases, "glue": glue,
-           "chat": chat, "adapter": adapter, "report": report}
+BENCHES = {"gpu": gpu, "layer": layer, "speed": speed, "llm": llm, "sharded": sharded, "bases": bases,
+           "support": support, "glue": glue, "chat": chat, "adapter": adapter, "report": report}
 
 
 def add_bench_commands(parser: argparse.ArgumentParser) -> None:

@@ -63,28 +63,21 @@ def compute_compaction(steps: int = 10, batch_size: int = 16) -> dict:
     from sparsegrad.basis import compute_bases, top_share
     from sparsegrad.targets import find_targets
 
-    from ..recipes.assets import bbc_news, minilm_path
+    from ..recipes.assets import minilm_path
+    from .support import bbc_batches
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(minilm_path())
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=5).eval()
-    texts, labels, _ = bbc_news()
-    rng = np.random.default_rng(0)
-    order = rng.permutation(len(texts))
-
-    def batch(i):
-        idx = order[i * batch_size:(i + 1) * batch_size]
-        enc = tok([texts[j] for j in idx], truncation=True, max_length=128, padding=True, return_tensors="pt")
-        return {**enc, "labels": torch.tensor([labels[j] for j in idx])}
-
-    bases = compute_bases(model, (batch(i) for i in range(steps)), n_steps=steps, progress=False)
+    batches = bbc_batches(tok, steps + 1, batch_size)
+    bases = compute_bases(model, batches[:steps], n_steps=steps, progress=False)
     layers = find_targets(model)
     names = [n for n in layers if ".0." in n][:2]
     for p in model.parameters():
         p.requires_grad_(False)
     for n in names:
         layers[n].weight.requires_grad_(True)
-    model(**batch(steps)).loss.backward()
+    model(**batches[steps]).loss.backward()
     out = {"model": "all-MiniLM-L6-v2", "data": "BBC News", "bases_steps": steps, "layers": {}}
     for n in names:
         g = layers[n].weight.grad.t().double()  # (d_in, d_out), paper orientation

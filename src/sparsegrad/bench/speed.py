@@ -42,7 +42,7 @@ from ..recipes.memory import peak_memory, reset_peak_memory, tensor_bytes
 from ..recipes.methods import prepare, split_label
 from ..recipes.process import run_in_process
 
-METHODS = ("ft", "lora", "meprop", "sparsegrad-fixed", "sparsegrad-dynamic")
+METHODS = ("ft", "lora", "meprop", "sparsegrad-fixed", "sparsegrad-dynamic", "sparsegrad-block")
 MODELS = ("minilm", "bert-base", "roberta-base", "bert-tiny")  # bert-tiny: 2 small layers, for smoke tests
 
 
