@@ -526,3 +526,34 @@ def test_support_bench_counts_the_flops_the_kernels_run(shape, tokens, k):
         assert block["fold"] < fixed["fold"] / 2
         assert by[model, "1%", "lora"]["total_vs_lora"] == 1.0
     assert "| LLaMA-2-7B 4096->11008 (512) | 100k (100,000) | sparsegrad-block |" in flops_table(rows)
+
+
+def test_support_decision_follows_its_stated_rule():
+    """The block support becomes the default only when it is within the seeds' spread of the scattered support (or
+    better) on every task compared and cheaper; a loss counts lower as better; unfinished tasks decide nothing."""
+    from sparsegrad.bench.support import decision, quality_rows, quality_table
+
+    def row(setting, task, method, mean, std, greater=True):
+        return {"setting": setting, "task": task, "method": method, "mean": mean, "std": std, "seeds": [0, 1, 2],
+                "lr": 1e-3, "metric": "loss" if not greater else "accuracy", "greater_is_better": greater}
+
+    def results(block_sst2, block_chat):
+        glue = {"rows": [row("head", t, m, 0.80, 0.01) for t in ("cola", "mrpc", "sst2")
+                         for m in ("lora", "sparsegrad-fixed")]
+                + [row("head", "cola", "sparsegrad-block", 0.80, 0.01), row("head", "mrpc", "sparsegrad-block", 0.81, 0.01),
+                   row("head", "sst2", "sparsegrad-block", block_sst2, 0.01)]}
+        chat = {"rows": [row("fp32", "chat", "lora", 1.90, 0.002, False), row("fp32", "chat", "sparsegrad-fixed", 1.90, 0.002, False),
+                         row("fp32", "chat", "sparsegrad-block", block_chat, 0.002, False)]}
+        return quality_rows(glue, chat)
+
+    assert decision(results(0.795, 1.901), cheaper=True)["default"]  # within on every task
+    assert not decision(results(0.795, 1.901), cheaper=False)["default"]
+    worse = decision(results(0.77, 1.901), cheaper=True)
+    assert not worse["default"] and worse["worse"] == ["sst2"] and worse["below_lora"]["sparsegrad-block"] == ["sst2"]
+    assert decision(results(0.795, 1.905), cheaper=True)["worse"] == ["chat"]  # a higher loss is worse
+    assert decision(results(0.795, 1.895), cheaper=True)["default"]  # a lower loss is better
+    unfinished = results(0.795, 1.901)
+    unfinished[0]["sparsegrad-block"] = None
+    assert decision(unfinished, cheaper=True)["missing"] == ["cola"]
+    assert "| sst2 (accuracy) | 80.0 ± 1.0 (lr 0.001) | 80.0 ± 1.0 (lr 0.001) | 77.0 ± 1.0 (lr 0.001) | -3.0 (spread 1.0): worse |" \
+        in quality_table(results(0.77, 1.901))

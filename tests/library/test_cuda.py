@@ -17,6 +17,8 @@ from sparsegrad.layer import SparseGradLinear
 DEVICE = os.environ.get("SPARSEGRAD_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA device")
 D_IN, D_OUT, K = 48, 80, 300
+VARIANTS = {"fixed": {"mode": "fixed"}, "block": {"mode": "fixed", "structure": "block"}, "dynamic": {"mode": "dynamic"},
+            "meprop": {"mode": "meprop"}}  # the fixed mode with each structure of its support
 
 
 def orthogonal(n: int, seed: int) -> torch.Tensor:
@@ -24,12 +26,14 @@ def orthogonal(n: int, seed: int) -> torch.Tensor:
     return torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0].float()
 
 
-@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
-def test_layer_matches_linear_on_cuda(mode):
+@pytest.mark.parametrize("variant", ["fixed", "block", "dynamic"])
+def test_layer_matches_linear_on_cuda(variant):
     torch.manual_seed(0)
+    mode = VARIANTS[variant]["mode"]
     lin = nn.Linear(D_IN, D_OUT).to(DEVICE)
-    layer = SparseGradLinear.from_linear(lin, k=K, mode=mode, U=orthogonal(D_IN, 1).to(DEVICE),
+    layer = SparseGradLinear.from_linear(lin, k=K, **VARIANTS[variant], U=orthogonal(D_IN, 1).to(DEVICE),
                                          V=orthogonal(D_OUT, 2).to(DEVICE), energy=torch.rand(D_IN, D_OUT))
+    assert mode != "fixed" or layer.structure == VARIANTS[variant].get("structure", "scattered")
     x = torch.randn(4, 6, D_IN, device=DEVICE, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_(True)
     y = layer(x)
@@ -50,15 +54,15 @@ def test_layer_matches_linear_on_cuda(mode):
         torch.testing.assert_close(dense[dense != 0], full[dense != 0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
-def test_bfloat16_training_step_on_cuda_is_exact(tiny_llama_dir, mode):
+@pytest.mark.parametrize("variant", ["fixed", "block", "dynamic"])
+def test_bfloat16_training_step_on_cuda_is_exact(tiny_llama_dir, variant):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).to(DEVICE)
     batch = {"input_ids": torch.randint(5, 1000, (2, 24), device=DEVICE)}
     batch["labels"] = batch["input_ids"]
     bases = sparsegrad.compute_bases(model, [batch], n_steps=1, progress=False)
     originals = {n: m.weight.detach().clone() for n, m in sparsegrad.find_targets(model).items()}
     model.requires_grad_(False)
-    sparsegrad.apply(model, bases, density=0.1, mode=mode)
+    sparsegrad.apply(model, bases, density=0.1, **VARIANTS[variant])
     layers = sparsegrad.sparse_layers(model)
     assert len({id(m.U) for m in layers.values()}) == len({sparsegrad.targets.role_of(n) for n in layers})
     assert all(m.U.device.type == DEVICE and m.U.dtype == torch.float32 for m in layers.values())
@@ -79,16 +83,17 @@ def test_bfloat16_training_step_on_cuda_is_exact(tiny_llama_dir, mode):
         assert bool((diff <= ref.float().abs() * 2**-7).all())  # within one bfloat16 ulp of float64
 
 
-@pytest.mark.parametrize("mode", ["fixed", "dynamic", "meprop"])
-def test_a_training_step_never_waits_for_the_device(mode):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_a_training_step_never_waits_for_the_device(variant):
     """A steady-state step (forward, backward, clipping, optimizer step and its fold, zero_grad) under
     torch.cuda.set_sync_debug_mode("error"): any read-back raises. The top-k modes' lazy optimizer
     state grows now and then (one read-back, amortised): their steps run once the store has room."""
     from sparsegrad.readbacks import ReadBackCounter
 
     torch.manual_seed(0)
+    mode = VARIANTS[variant]["mode"]
     d_in, d_out = 64, 96
-    layer = SparseGradLinear.from_linear(nn.Linear(d_in, d_out), k=200, mode=mode, U=orthogonal(d_in, 1),
+    layer = SparseGradLinear.from_linear(nn.Linear(d_in, d_out), k=200, **VARIANTS[variant], U=orthogonal(d_in, 1),
                                          V=orthogonal(d_out, 2), energy=torch.rand(d_in, d_out))
     layer.skip_zero_rows = False  # as a GPU runs it (on the CPU the rows are found without waiting)
     model = nn.Sequential(nn.Linear(16, d_in), nn.GELU(), layer).to(DEVICE)

@@ -7,7 +7,8 @@ In order, until `--budget-s` is spent (rows left over are listed as not run, nev
   1. the CUDA tests (`tests/library/test_cuda.py`, among them a training step under
      torch.cuda.set_sync_debug_mode("error")), when the source tree is at hand;
   2. training steps per method, each method alone on the device in a fresh process: full FT, LoRA,
-     SparseGrad fixed and dynamic, MeProp, at equal trainable MLP entries, in three settings --
+     SparseGrad fixed (scattered and block support) and dynamic, MeProp, at equal trainable MLP
+     entries, in three settings --
        `table3`: the paper's Table 3 (RoBERTa-base shapes, batch 32, sequence 128, GLUE-style padding,
                  every non-MLP parameter training),
        `minilm`: the embedded MiniLM, batch 16, otherwise the same,
@@ -35,7 +36,7 @@ from sparsegrad.util import write_json_atomic
 from ..recipes.machine import machine
 from ..recipes.process import WorkerError, run_in_process
 
-METHODS = ("ft", "lora", "sparsegrad-fixed", "sparsegrad-dynamic", "meprop")
+METHODS = ("ft", "lora", "sparsegrad-fixed", "sparsegrad-block", "sparsegrad-dynamic", "meprop")
 SETTINGS = {  # model, batch, sequence, share of real tokens (the rest padding); tiny: the smoke test's shapes
     "table3": {"model": "roberta-base", "batch_size": 32, "seq": 128, "fill": 0.5, "tiny": "bert-tiny"},
     "minilm": {"model": "minilm", "batch_size": 16, "seq": 128, "fill": 0.5, "tiny": "bert-tiny"},

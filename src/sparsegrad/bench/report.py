@@ -369,6 +369,8 @@ def build(results: Path, output: Path) -> str:
     lines += _row_share_section(_load(results / "row_share.json"), results, link)
     lines += _glue_section(_load(results / "glue" / "glue.json"), results, link)
     lines += _chat_section(_load(results / "chat" / "chat.json"), results, link)
+    lines += _support_section(_load(results / "support.json"), _load(results / "glue" / "glue.json"),
+                              _load(results / "chat" / "chat.json"))
     lines += _adapter_section(_load(results / "adapter.json"))
     page = "\n".join(lines)
     write_text_atomic(output, page + "\n")
@@ -604,6 +606,80 @@ def _chat_section(c: dict | None, results: Path, link) -> list[str]:
             ("Paper, Table 6 (LLaMA-2 7B, OpenAssistant, 1 epoch, lr 9e-4; up/down of every third block; "
              "SparseGrad and MeProp ~100,000 entries per layer, 0.2%; LoRA rank 32): validation loss full FT "
              "1.250 ± 0.03, LoRA 1.249 ± 0.05, SparseGrad 1.247 ± 0.03, MeProp 1.259 ± 0.04."), ""]
+
+
+def _support_section(sup: dict | None, glue: dict | None, chat: dict | None) -> list[str]:
+    """The fixed mode's block support against the scattered one: cost (bench support) and quality (the GLUE and
+    chat records), and the decision the stated rule makes of them."""
+    if not sup:
+        return []
+    from . import speed as speed_bench
+    from . import support as support_bench
+
+    lines = ["## The block support: SparseGrad at LoRA's cost?", "",
+             ("The fixed mode's support as the paper chooses entries (`scattered`: the top-k of the preliminary "
+              "phase's energy) against a block of them (`structure=\"block\"`: k entries in r rows x c columns of S; "
+              "docs/method.md, \"The block support\"). `sparsegrad bench support`, "
+              f"{sup['meta']['seconds'] / 60:.0f} min on {sup['meta']['device']}."), "",
+             "### Arithmetic per MLP linear and step", "", doc_paragraph(support_bench, 2), "",
+             support_bench.flops_table(sup["flops"]), ""]
+    flops = {(r["model"], r["entries"], r["method"]): r for r in sup["flops"]}
+    b1, b100 = flops.get(("LLaMA-2-7B", "1%", "sparsegrad-block")), flops.get(("LLaMA-2-7B", "100k", "sparsegrad-block"))
+    narrow = next((r for r in sup["flops"] if r["entries"] == "100k" and "<=" in r["method"]), None)
+    if b1 and b100:
+        lines += [(f"Targets at LLaMA-2-7B shapes and 512 tokens: FLOPs <= 1.2x LoRA's (r=32): "
+                   f"{b100['total_vs_lora']:.2f}x at the paper's 100,000 entries (met), {b1['total_vs_lora']:.2f}x at 1% "
+                   f"({'met' if b1['total_vs_lora'] <= 1.2 else 'not met'}); the fold <= 0.1x a forward: "
+                   f"{b100['fold_vs_forward']:.2f}x at 100,000 entries with the default block (r <= 64)"
+                   + (f", {narrow['fold_vs_forward']:.2f}x with r <= {support_bench.NARROW_ROWS}" if narrow else "")
+                   + f", {b1['fold_vs_forward']:.2f}x at 1% -- where no block can fold for less than k (d_in + d_out) "
+                   "multiply-adds, 0.29x a forward: that target is out of reach at 1% of a 7B layer for 512 tokens. "
+                   "The scattered support, for comparison: "
+                   f"{flops[('LLaMA-2-7B', '100k', 'sparsegrad-fixed')]['total_vs_lora']:.1f}x LoRA's FLOPs, its fold "
+                   f"{flops[('LLaMA-2-7B', '100k', 'sparsegrad-fixed')]['fold_vs_forward']:.1f}x a forward."), ""]
+    lines += ["### Energy the block keeps, on the real bases", "", doc_paragraph(support_bench, 3), "",
+              support_bench.energy_table(sup["energy"]), ""]
+    kept = [r["block_kept"] for r in sup["energy"]]
+    lines += [(f"Over the {len(kept)} layers the block keeps {100 * min(kept):.0f}-{100 * max(kept):.0f}% of the "
+               f"top-k's energy (median {100 * float(np.median(kept)):.0f}%)."), ""]
+    cheaper = all(flops[m, e, "sparsegrad-block"]["total"] < flops[m, e, "sparsegrad-fixed"]["total"]
+                  for m, e, method in flops if method == "sparsegrad-fixed")
+    if "speed" in sup:
+        sp = sup["speed"]
+        by = {r["method"]: r for r in sp["rows"]}
+        lines += ["### CPU step time, BERT-base, batch 16", "", doc_paragraph(support_bench, 4), "",
+                  speed_bench.markdown(sp), ""]
+        if {"sparsegrad-block", "sparsegrad-fixed", "lora"} <= set(by):
+            block = by["sparsegrad-block"]
+            lines += [(f"Step time, block / LoRA: {block['step_s_vs_lora']:.2f} (target <= 1.0: "
+                       f"{'met' if block['step_s_vs_lora'] <= 1.0 else 'not met'}); block / scattered: "
+                       f"{block['step_s'] / by['sparsegrad-fixed']['step_s']:.2f}; block / full FT: "
+                       f"{block['step_s_vs_ft']:.2f}."), ""]
+            cheaper = cheaper and block["step_s"] < by["sparsegrad-fixed"]["step_s"]
+    quality = support_bench.quality_rows(glue, chat)
+    lines += ["### Quality, by the fair protocol", "",
+              ("The GLUE tasks in the PEFT setting and the chat benchmark, as in their sections above (each method's "
+               "lr searched on held-out training examples, 3 seeds, the records committed), the block support "
+               "beside the scattered one and LoRA at the matched count. \"Within\": the difference is inside the "
+               "larger of the two seeds' spreads (std)."), "", support_bench.quality_table(quality), ""]
+    d = support_bench.decision(quality, cheaper)
+    rule = ("The rule, stated before the runs: the block support becomes the fixed mode's default where it scores "
+            "within the seeds' spread of the scattered support, or better, on every task compared, and is cheaper "
+            "(fewer FLOPs at every shape, a faster CPU step); otherwise it stays an option and this page says what "
+            "it costs in quality.")
+    if d["missing"]:
+        verdict = f"Not decided yet: no finished block runs on {', '.join(d['missing'])}."
+    elif d["default"]:
+        verdict = "Decision: within the spread or better on every task, and cheaper: the block support is the default."
+    else:
+        why = [f"worse than the scattered support beyond the spread on {', '.join(d['worse'])}"] if d["worse"] else []
+        why += [] if d["cheaper"] else ["not cheaper"]
+        verdict = f"Decision: it stays an option ({'; '.join(why)})."
+    below = d["below_lora"]
+    lines += [rule + " " + verdict
+              + f" Below LoRA beyond the spread: scattered on {', '.join(below['sparsegrad-fixed']) or 'no task'}, "
+              f"block on {', '.join(below['sparsegrad-block']) or 'no task'}.", ""]
+    return lines
 
 
 def _adapter_section(a: dict | None) -> list[str]:

@@ -38,6 +38,7 @@ from sparsegrad.support import SupportPlan, _rotate_activations, _rotate_both, b
 from sparsegrad.util import write_json_atomic, write_text_atomic
 
 from ..recipes.machine import machine
+from .protocol import cell, finished, margin
 
 SHAPES = {"MiniLM": (384, 1536, 2048), "RoBERTa-base": (768, 3072, 2048), "LLaMA-2-7B": (4096, 11008, 512)}
 PAPER_ENTRIES_7B = 100_000  # per layer, the paper's LLaMA-2 setting (Table 6)
@@ -252,6 +253,65 @@ def energy_table(rows: list[dict]) -> str:
                          f"| {_spread(members, 'topk_share')} | {', '.join(shapes[:3])}"
                          f"{' ...' if len(shapes) > 3 else ''} | {_spread(members, 'block_kept')} "
                          f"| {_spread(members, 'scattered_r', 1.0, ',.0f', '')} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- quality, from the GLUE and chat benches' records
+
+QUALITY_TASKS = (("head", "cola"), ("head", "mrpc"), ("head", "sst2"), ("fp32", "chat"))
+QUALITY_METHODS = ("lora", "sparsegrad-fixed", "sparsegrad-block")
+
+
+def quality_rows(glue: dict | None, chat: dict | None) -> list[dict]:
+    """Per task of the comparison (the PEFT setting's CoLA, MRPC, SST-2; chat): the summary rows of LoRA, the
+    scattered and the block support, each finished (every seed scored) or None."""
+    found = {}
+    for result, setting in ((glue, "head"), (chat, "fp32")):
+        for r in finished(result, setting) if result else []:
+            found[r["setting"], r["task"], r["method"]] = r
+    out = []
+    for setting, task in QUALITY_TASKS:
+        rows = {m: found.get((setting, task, m)) for m in QUALITY_METHODS}
+        some = next((r for r in rows.values() if r), None)
+        out.append({"task": task, "metric": some["metric"] if some else "",
+                    "greater_is_better": some["greater_is_better"] if some else True, **rows})
+    return out
+
+
+def compare(row: dict | None, base: dict | None, greater_is_better: bool) -> tuple[float, float, str] | None:
+    """(row - base, the larger seed spread, "better" | "within" | "worse") -- better or worse beyond the spread."""
+    gap = margin(row, base)
+    if gap is None:
+        return None
+    diff, spread = gap
+    ahead = diff if greater_is_better else -diff
+    return diff, spread, "better" if ahead > spread else "worse" if ahead < -spread else "within"
+
+
+def decision(quality: list[dict], cheaper: bool) -> dict:
+    """The rule: the block support becomes the default where, on every task compared, it scores within the seeds'
+    spread of the scattered support or better, and it is cheaper; otherwise it stays an option."""
+    verdicts = {q["task"]: compare(q["sparsegrad-block"], q["sparsegrad-fixed"], q["greater_is_better"])
+                for q in quality}
+    missing = [t for t, v in verdicts.items() if v is None]
+    worse = [t for t, v in verdicts.items() if v is not None and v[2] == "worse"]
+    below_lora = {m: [q["task"] for q in quality if (v := compare(q[m], q["lora"], q["greater_is_better"]))
+                      and v[2] == "worse"] for m in ("sparsegrad-fixed", "sparsegrad-block")}
+    default = not missing and not worse and cheaper
+    return {"default": default, "missing": missing, "worse": worse, "cheaper": cheaper, "below_lora": below_lora}
+
+
+def quality_table(quality: list[dict]) -> str:
+    lines = ["| task | lora | sparsegrad-fixed (scattered) | sparsegrad-block | block vs scattered | block vs lora |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for q in quality:
+        loss = not q["greater_is_better"]
+        scale, digits = (1.0, 4) if loss else (100.0, 1)
+        cells = [cell(q[m], scale, digits) for m in QUALITY_METHODS]
+        for base in ("sparsegrad-fixed", "lora"):
+            v = compare(q["sparsegrad-block"], q[base], q["greater_is_better"])
+            cells.append("" if v is None else f"{scale * v[0]:+.{digits}f} (spread {scale * v[1]:.{digits}f}): {v[2]}")
+        lines.append(f"| {q['task']} ({'validation loss' if loss else q['metric']}) | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
