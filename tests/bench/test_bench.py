@@ -557,3 +557,30 @@ def test_support_decision_follows_its_stated_rule():
     assert decision(unfinished, cheaper=True)["missing"] == ["cola"]
     assert "| sst2 (accuracy) | 80.0 ± 1.0 (lr 0.001) | 80.0 ± 1.0 (lr 0.001) | 77.0 ± 1.0 (lr 0.001) | -3.0 (spread 1.0): worse |" \
         in quality_table(results(0.77, 1.901))
+
+
+def test_support_bench_parts_and_energy_table(tmp_path):
+    """bench support measures the parts asked for and keeps the others from its support.json (refusing a folder
+    where a needed part was never measured); the energy rows say what share of the top-k's energy the block keeps."""
+    import argparse
+
+    from sparsegrad.basis import Bases
+    from sparsegrad.bench import support
+
+    args = argparse.Namespace(parts=["flops"], density=0.01, output_dir=str(tmp_path), chat_data=None, repeats=1)
+    with pytest.raises(ValueError, match="has no energy yet: add --parts energy"):
+        support.run(args)
+    g = torch.Generator().manual_seed(0)
+    energy = {f"model.layers.{i}.mlp.up_proj": torch.rand(16, 40, generator=g) ** 6 for i in (10, 2)}
+    rows = support.energy_rows("tiny", Bases({}, {}, {}, energy, {}), 0.05)
+    assert [r["layer"] for r in rows] == ["model.layers.2.mlp.up_proj", "model.layers.10.mlp.up_proj"]  # block order
+    for r in rows:
+        assert r["k"] == 32 and 0 < r["block_kept"] <= 1.0 + 1e-12 and 0 < r["topk_share"] < 1
+        rr, cc = (int(v) for v in r["block"].split("x"))
+        assert min(rr, cc) == r["block_r"] and (rr - 1) * cc < r["k"] <= rr * cc
+    (tmp_path / "support.json").write_text(json.dumps({"meta": {"density": 0.01, "seconds": 1.0}, "energy": rows}))
+    result = support.run(args)
+    assert result["energy"] == rows and result["flops"] and result["meta"]["seconds"] > 1.0
+    assert "| tiny | model.layers.2.mlp.up_proj | 32 |" in support.markdown(result)
+    with pytest.raises(ValueError, match="measured at density 0.01"):
+        support.run(argparse.Namespace(**{**vars(args), "density": 0.02}))

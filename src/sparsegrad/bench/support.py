@@ -1,7 +1,8 @@
 """The fixed mode's two supports, scattered and block: their arithmetic, CPU step time and the energy they keep.
 
-    sparsegrad bench support                     # FLOPs at three shapes; energy on MiniLM (BBC News)
-    sparsegrad bench support --chat-data ../shared/chat/oasst1_en_validation_top1_conversations.jsonl --speed
+    sparsegrad bench support                     # FLOPs at three shapes, energy on MiniLM (BBC News), CPU speed
+    sparsegrad bench support --chat-data ../shared/chat/oasst1_en_validation_top1_conversations.jsonl
+    sparsegrad bench support --parts speed       # one part again; the others kept from support.json
 
 FLOPs per MLP linear and training step (2 per multiply-add), counted from the kernels' own choices
 (support.py: which side is rotated, activations or the dense gradient, both sides for a block): the
@@ -20,13 +21,15 @@ Energy kept: per MLP linear of the real embedded models, the preliminary phase's
 (r x c) and the share of the top-k's energy the block keeps. MiniLM on BBC News (10 batches of 16),
 SmolLM2-135M-Instruct on the conversations of --chat-data (10 batches of 4), every MLP linear.
 
---speed: steps/s of BERT-base (random weights), batch 16, sequence 128, only the head besides the
+Speed: steps/s of BERT-base (random weights), batch 16, sequence 128, only the head besides the
 method, full FT, LoRA, SparseGrad scattered and block in one run (bench speed's measurement: a fresh
 process per method, --repeats interleaved rounds, the fastest kept).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -45,12 +48,15 @@ PAPER_ENTRIES_7B = 100_000  # per layer, the paper's LLaMA-2 setting (Table 6)
 LORA_RANK_7B = 32
 NARROW_ROWS = 16  # the narrower block at 7B shapes (support.block_support's max_rows)
 SPEED_METHODS = ("ft", "lora", "sparsegrad-fixed", "sparsegrad-block")
+PARTS = ("flops", "energy", "speed")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-data", help="a JSONL file of conversations: also SmolLM2's energy (default: MiniLM only)")
-    p.add_argument("--speed", action="store_true", help="also CPU steps/s at BERT-base batch 16 (about 10 min)")
-    p.add_argument("--repeats", type=int, default=2, help="--speed: interleaved rounds, the fastest kept")
+    p.add_argument("--parts", nargs="+", default=["flops", "energy", "speed"], choices=PARTS,
+                   help="what to measure (speed: about 10 min alone on 2 cores); the others are kept from the "
+                        "output folder's support.json")
+    p.add_argument("--repeats", type=int, default=2, help="speed: interleaved rounds, the fastest kept")
     p.add_argument("--density", type=float, default=0.01)
     p.add_argument("--output-dir", default="bench-results/support")
 
@@ -168,8 +174,8 @@ def _smollm2_bases(data: str, steps: int, batch_size: int = 4, max_length: int =
 
 def energy_rows(model: str, bases, density: float) -> list[dict]:
     rows = []
-    for name, energy in bases.energy.items():
-        e = energy.double()
+    for name in sorted(bases.energy, key=lambda n: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", n)]):
+        e = bases.energy[name].double()
         d_in, d_out = e.shape
         k = max(1, round(density * d_in * d_out))
         top = float(e.flatten().topk(k).values.sum())
@@ -191,15 +197,26 @@ def run(args: argparse.Namespace) -> dict:
     start = time.time()
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    print("FLOPs at three shapes ...", file=sys.stderr, flush=True)
-    result = {"meta": machine("cpu") | {"density": args.density}, "flops": flops_rows(args.density)}
-    print("energy: MiniLM on BBC News ...", file=sys.stderr, flush=True)
-    energy = energy_rows("MiniLM", _minilm_bases(10), args.density)
-    if args.chat_data:
-        print("energy: SmolLM2 on the conversations ...", file=sys.stderr, flush=True)
-        energy += energy_rows("SmolLM2", _smollm2_bases(args.chat_data, 10), args.density)
-    result["energy"] = energy
-    if args.speed:
+    saved = out / "support.json"
+    result = json.loads(saved.read_text()) if saved.is_file() else {}
+    if result.get("meta", {}).get("density", args.density) != args.density:
+        raise ValueError(f"{saved} holds parts measured at density {result['meta']['density']}: give that "
+                         "--density, or another --output-dir")
+    missing = [part for part in ("flops", "energy") if part not in result and part not in args.parts]
+    if missing:
+        raise ValueError(f"{saved} has no {' or '.join(missing)} yet: add --parts {' '.join(missing)}")
+    result["meta"] = machine("cpu") | {"density": args.density, "seconds": result.get("meta", {}).get("seconds", 0.0)}
+    if "flops" in args.parts:
+        print("FLOPs at three shapes ...", file=sys.stderr, flush=True)
+        result["flops"] = flops_rows(args.density)
+    if "energy" in args.parts:
+        print("energy: MiniLM on BBC News ...", file=sys.stderr, flush=True)
+        energy = energy_rows("MiniLM", _minilm_bases(10), args.density)
+        if args.chat_data:
+            print("energy: SmolLM2 on the conversations ...", file=sys.stderr, flush=True)
+            energy += energy_rows("SmolLM2", _smollm2_bases(args.chat_data, 10), args.density)
+        result["energy"] = energy
+    if "speed" in args.parts:
         from . import speed
 
         print("CPU step time, BERT-base batch 16 ...", file=sys.stderr, flush=True)
@@ -208,8 +225,8 @@ def run(args: argparse.Namespace) -> dict:
                                         repeats=args.repeats, bases_steps=3, device="cpu", profile=False,
                                         output_dir=str(out / "speed"))
         result["speed"] = speed.run(speed_args)
-    result["meta"]["seconds"] = time.time() - start
-    write_json_atomic(out / "support.json", result)
+    result["meta"]["seconds"] += time.time() - start  # every sitting's
+    write_json_atomic(saved, result)
     write_text_atomic(out / "support.md", markdown(result) + "\n")
     return result
 
