@@ -13,7 +13,8 @@ fold what is pending too, so what is saved is always current.
 
 How. Each layer holds one rule (`layer.fold_rule`), chosen when its weight's dtype or placement is set:
   - IN_PLACE, float32 / float64 weights: W += U^T dS V, the step's change. The layers of one role share U
-    and V, so they fold together: one sparse and one batched dense product (support.fold), not two per layer.
+    and V, so they fold together: one sparse and one batched dense product (support.fold), not two per layer;
+    block supports fold layer by layer in dense products (a GEMM beats the sparse product at their density).
   - REBUILD, bfloat16 / float16 weights: W = round(W_0 + U^T S V), the sum evaluated in float32 and rounded
     once. Adding each step's change to a bfloat16 weight instead would round once per step: small updates
     would vanish and the error would grow with the steps. W_0 is not stored: it is given back by the weight
@@ -151,6 +152,10 @@ class InPlace(FoldRule):
             for i in range(0, len(members), per):
                 batch, changes = zip(*members[i:i + per])
                 values = torch.cat([c.diff for c in changes])
+                if all(c.plan is not None and c.plan.block_cols is not None for c in changes):
+                    for layer, change in zip(batch, changes):  # block supports: dense products, layer by layer
+                        support.fold([layer.weight.data], change.plan, change.diff, *change.plan.sides(first.U, first.V))
+                    continue
                 if changes[0].plan is not None:  # fixed: the supports' plans, stacked once
                     plan = _stacked([c.plan for c in changes])
                 else:  # dynamic: the handed-out entries, over every row of the smaller side

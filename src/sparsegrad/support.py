@@ -236,11 +236,16 @@ def fold(weights: list[torch.Tensor], plan: SupportPlan, values: torch.Tensor, a
     """weights[l] (d_out, d_in) += a^T S_l b in weight orientation, for layers sharing the rotations a (m, m) and
     b (n, n) (one role): `plan` covers the S_l stacked along its rows (r rows per layer: one layer's plan,
     SupportPlan.stack or every_row), `values` its entries (caller order). One sparse product and one batched
-    dense product for all of them: (L r, n) @ (n, n), then (L, m, r) @ (L, r, n)."""
+    dense product for all of them: (L r, n) @ (n, n), then (L, m, r) @ (L, r, n). One layer's block support
+    takes dense products only: its (r, c) block @ b's c rows, then (m, r) @ (r, n)."""
     L, m = len(weights), a.shape[0]
     dtype = weights[0].dtype
     values = values if plan.order is None else values[plan.order]
-    p = plan._csr(values.to(a.dtype)) @ b  # (L r, n)
+    if plan.block_cols is not None:  # one block: dense (r, c) @ (c, n), a GEMM where the sparse product is slow
+        block = values.new_zeros(plan.uniq_rows.numel() * plan.block_cols.numel()).index_copy_(0, plan.block_pos, values)
+        p = block.view(-1, plan.block_cols.numel()).to(a.dtype) @ b[plan.block_cols]  # (r, n)
+    else:
+        p = plan._csr(values.to(a.dtype)) @ b  # (L r, n)
     r = p.shape[0] // L
     if L == 1:  # one layer: the update is added by the product itself
         a_r = a if plan.all_rows else a[plan.uniq_rows]  # (r, m)

@@ -54,6 +54,43 @@ def test_stacked_plans_fold_as_each_alone(d_in, d_out):
         torch.testing.assert_close(w, (U.t() @ S @ V).t(), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("d_in, d_out", [(12, 20), (20, 12)])
+def test_block_supports_fold_exactly_in_dense_products(d_in, d_out):
+    """A block support's fold (its dense (r, c) block times c rows of a basis) adds U^T S V, in any caller order of
+    its values, and a role of block layers folds after an optimizer step as each alone would, in float64."""
+    from sparsegrad.support import block_support
+
+    g = torch.Generator().manual_seed(0)
+    U, V = orthogonal(d_in, 1), orthogonal(d_out, 2)
+    for k in (23, 40):
+        rows, cols = block_support(torch.rand(d_in, d_out, generator=g, dtype=f64), k, max_rows=4)
+        perm = torch.randperm(k, generator=g)
+        plan = SupportPlan.build(rows[perm], cols[perm], d_in, d_out)
+        assert plan.block_cols is not None
+        values = torch.randn(k, generator=g, dtype=f64)
+        w = torch.zeros(d_out, d_in, dtype=f64)
+        fold([w], plan, values, *plan.sides(U, V))
+        S = torch.zeros(d_in, d_out, dtype=f64)
+        S[rows[perm], cols[perm]] = values
+        torch.testing.assert_close(w, (U.t() @ S @ V).t(), rtol=0, atol=1e-12)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(d_in, d_out, dtype=f64) for _ in range(3)))
+    energies = [torch.rand(d_in, d_out, dtype=f64) for _ in model]
+    layers = [sparsegrad.SparseGradLinear.from_linear(lin, k=17, U=U, V=V, energy=e, structure="block")
+              for lin, e in zip(model, energies)]
+    originals = [layer.weight.detach().clone() for layer in layers]
+    opt = torch.optim.SGD([layer.values for layer in layers], lr=0.5)
+    for layer in layers:
+        layer(torch.randn(4, d_in, dtype=f64)).square().sum().backward()
+    opt.step()  # the role's layers fold together after it
+    for layer, w0 in zip(layers, originals):
+        assert layer.structure == "block"
+        S = torch.zeros(d_in, d_out, dtype=f64)
+        S[layer.rows.long(), layer.cols.long()] = layer.values.detach()
+        torch.testing.assert_close(layer.weight, w0 + (U.t() @ S @ V).t(), rtol=0, atol=1e-12)
+
+
 class CountProducts(TorchDispatchMode):
     """The matrix products run (dense and sparse)."""
 
