@@ -21,6 +21,7 @@ from .collectives import keep_global_topk
 
 # Rows of dy are gathered (the zero rows skipped) when at most this share is non-zero.
 _ROW_SKIP_BELOW = 0.9
+_ROW_LEAD = 16  # entries of each row of dy read first to find the non-zero rows
 
 # Weights in these dtypes are folded exactly from the pretrained weight (see layer.py); the
 # trained values and the bases of such a layer are kept in float32.
@@ -111,8 +112,15 @@ def skips_zero_rows(dy: torch.Tensor) -> bool:
 
 
 def _nonzero_rows(dy: torch.Tensor) -> tuple[torch.Tensor | None, int]:
-    """Indices of the rows of dy (tokens, d_out) holding a non-zero (None if skipping won't pay), and their count."""
-    nz = dy.ne(0).any(dim=1).nonzero().squeeze(1)
+    """Indices of the rows of dy (tokens, d_out) holding a non-zero (None if skipping won't pay), and their count.
+
+    A row with a non-zero among its first few entries is non-zero: only the others (the padded tokens' rows, and
+    the rare real row that starts with zeros) are read whole, not all of dy."""
+    nonzero = dy[:, :_ROW_LEAD].ne(0).any(dim=1)  # (t,)
+    unsure = (~nonzero).nonzero().squeeze(1)
+    if unsure.numel():
+        nonzero[unsure] = dy.index_select(0, unsure).ne(0).any(dim=1)
+    nz = nonzero.nonzero().squeeze(1)
     return (nz if nz.numel() < _ROW_SKIP_BELOW * dy.shape[0] else None), nz.numel()
 
 

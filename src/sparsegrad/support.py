@@ -103,7 +103,7 @@ class SupportPlan:
     n: int  # plan columns
     all_rows: bool = False  # each layer's rows are all m rows, in order (uniq_rows is then arange(m) per layer)
     block_cols: torch.Tensor | None = None  # (c,) a block support's distinct plan columns, sorted
-    block_pos: torch.Tensor | None = None  # (k,) each entry's flat place in the dense (r, c) block
+    block_pos: torch.Tensor | None = None  # (k,) int32, each entry's flat place in the dense (r, c) block
 
     @staticmethod
     def orientation(rows: torch.Tensor, cols: torch.Tensor) -> bool:
@@ -130,7 +130,7 @@ class SupportPlan:
         c, block_pos = block_cols.numel(), None
         if uniq_rows.numel() * c - cols.numel() < c:  # its r rows x c columns but for fewer than c entries: a block
             row_of = torch.repeat_interleave(torch.arange(uniq_rows.numel(), device=rows.device), counts)
-            block_pos = row_of * c + torch.searchsorted(block_cols, cols.long())
+            block_pos = (row_of * c + torch.searchsorted(block_cols, cols.long())).to(torch.int32)
         else:
             block_cols = None
         return SupportPlan(transposed, order, uniq_rows, crow, cols.to(torch.int32), n, uniq_rows.numel() == m,
@@ -242,7 +242,7 @@ def fold(weights: list[torch.Tensor], plan: SupportPlan, values: torch.Tensor, a
     dtype = weights[0].dtype
     values = values if plan.order is None else values[plan.order]
     if plan.block_cols is not None:  # one block: dense (r, c) @ (c, n), a GEMM where the sparse product is slow
-        block = values.new_zeros(plan.uniq_rows.numel() * plan.block_cols.numel()).index_copy_(0, plan.block_pos, values)
+        block = values.new_zeros(plan.uniq_rows.numel() * plan.block_cols.numel()).index_put_((plan.block_pos,), values)
         p = block.view(-1, plan.block_cols.numel()).to(a.dtype) @ b[plan.block_cols]  # (r, n)
     else:
         p = plan._csr(values.to(a.dtype)) @ b  # (L r, n)

@@ -382,3 +382,18 @@ def test_block_structure_through_apply_and_state_dict(minilm, bbc_batches):
         sparsegrad.apply(sparsegrad.merge(minilm), bases, structure="rows")
     with pytest.raises(ValueError, match="use it with mode='fixed'"):
         sparsegrad.apply(minilm, bases, mode="dynamic", structure="block")
+
+
+def test_nonzero_rows_of_dy_are_found_exactly():
+    """The sparse-by-dense row finder reads only the first entries of most rows, and whole the rows that start with
+    zeros: padded rows (all zero) and real rows whose non-zeros come late are told apart exactly."""
+    from sparsegrad.sparse_linear import _nonzero_rows
+
+    dy = torch.randn(64, 200, dtype=f64)
+    dy[10:50] = 0  # padded tokens
+    dy[3, :150] = 0  # a real row that starts with zeros
+    dy[20, 199] = 2.0  # a late non-zero in an otherwise zero row
+    rows, count = _nonzero_rows(dy)
+    expected = dy.ne(0).any(dim=1).nonzero().squeeze(1)
+    assert count == expected.numel() == 25 and torch.equal(rows, expected)
+    assert _nonzero_rows(torch.randn(8, 5, dtype=f64)) == (None, 8)  # all non-zero: nothing to skip
