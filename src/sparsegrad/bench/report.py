@@ -5,7 +5,7 @@
 
 Reads from --results: speed-*.json (bench speed), gpu/gpu-*.json (bench gpu), fold.json, fold-7b.json and
 fold-role.json (bench layer --fold, --fold-7b, --fold-role), llm-*.json (bench llm), sharded-*.json (bench sharded), bases.json (bench bases), glue/glue.json (bench glue), chat/chat.json (bench chat),
-adapter.json (bench adapter), compaction.json and row_share.json (written here). --glue-runs extracts the
+adapter.json (bench adapter), support.json (bench support), compaction.json and row_share.json (written here). --glue-runs extracts the
 per-step share of non-zero output-gradient rows of the SparseGrad runs (Fig. 3) into
 row_share.json; --compaction computes Fig. 2's data (one real MiniLM layer's gradient in the
 original and the HOSVD space, BBC News batches) into compaction.json. PNGs go beside the JSON.
@@ -619,8 +619,8 @@ def _support_section(sup: dict | None, glue: dict | None, chat: dict | None) -> 
     lines = ["## The block support: SparseGrad at LoRA's cost?", "",
              ("The fixed mode's support as the paper chooses entries (`scattered`: the top-k of the preliminary "
               "phase's energy) against a block of them (`structure=\"block\"`: k entries in r rows x c columns of S; "
-              "docs/method.md, \"The block support\"). `sparsegrad bench support`, "
-              f"{sup['meta']['seconds'] / 60:.0f} min on {sup['meta']['device']}."), "",
+              "docs/method.md, \"The block support\"). `sparsegrad bench support`: "
+              f"{sup['meta']['seconds'] / 60:.0f} min of measurement on the CPU."), "",
              "### Arithmetic per MLP linear and step", "", doc_paragraph(support_bench, 2), "",
              support_bench.flops_table(sup["flops"]), ""]
     flops = {(r["model"], r["entries"], r["method"]): r for r in sup["flops"]}

@@ -8,11 +8,11 @@ FLOPs per MLP linear and training step (2 per multiply-add), counted from the ke
 (support.py: which side is rotated, activations or the dense gradient, both sides for a block): the
 forward and the input gradient (every method: nn.Linear's), the trained part's gradient (full FT: the
 weight's; LoRA: its rank-r path, 3 t r (d_in + d_out); SparseGrad: the support's) and the fold after the
-optimizer step (SparseGrad: a sparse (r, n) product, then r rows of the weight update, k n + r m n).
+optimizer step (SparseGrad: S's r rows times the n-wide basis, then r rows of the weight update, k n + r m n).
 Shapes: the up projections of MiniLM, RoBERTa-base and LLaMA-2-7B (the down projections are their
 transposes, at the same counts) at 2,048 tokens (batch 16 x 128) for the encoders and 512 for 7B; 1% of
 each layer's entries, and at 7B also the paper's 100,000; LoRA at the matched rank, r=32 at 7B (the
-paper's), and there a block of at most 16 rows beside the default (at most 64). The supports come from
+paper's), and at 100,000 entries a block of at most 16 rows beside the default (at most 64). The supports come from
 a synthetic energy with power-law row and column profiles (bench layer's), so r is indicative; the real
 bases' shapes are in the energy table.
 
@@ -108,7 +108,7 @@ def flops_rows(density: float) -> list[dict]:
             rows.append(base | {"method": f"lora (r={rank})", "trained_grad": 2 * 3 * t * rank * (d_in + d_out),
                                 "fold": 0, "lora_rank": rank})
             supports = [("sparsegrad-fixed", topk_support(energy, k)), ("sparsegrad-block", block_support(energy, k))]
-            if model == "LLaMA-2-7B":  # a narrower block: the fold costs about r / tokens of a forward
+            if label == "100k":  # a narrower block (the fold costs about r / tokens of a forward); at 1% none fits
                 supports.append((f"sparsegrad-block (r <= {NARROW_ROWS})", block_support(energy, k, NARROW_ROWS)))
             for method, support in supports:
                 plan = SupportPlan.build(*support, d_in, d_out)
@@ -250,7 +250,7 @@ def flops_table(rows: list[dict]) -> str:
 def energy_table(rows: list[dict]) -> str:
     """Per layer for MiniLM; per role (min / median / max over the blocks) for bigger models."""
     lines = [("| model | layer | k | top-k share of all energy | block r x c | block keeps of top-k's energy "
-              "| scattered: rows rotated |"),
+              "| scattered support: rows it rotates |"),
              "|---|---|---:|---:|---|---:|---:|"]
     by_model: dict[str, list[dict]] = {}
     for r in rows:
