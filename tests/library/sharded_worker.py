@@ -13,6 +13,8 @@ import sparsegrad
 from sparsegrad.sharding import full_state_dict, load_full_state_dict
 
 mode, dtype, out, flags = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3], sys.argv[4:]
+# "block": the fixed mode with the block support
+options = {"mode": "fixed", "structure": "block"} if mode == "block" else {"mode": mode}
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
 
@@ -25,7 +27,7 @@ def converted_model():
     model.requires_grad_(False)
     ids = torch.randint(0, 100, (8, 12), generator=torch.Generator().manual_seed(1))
     bases = sparsegrad.compute_bases(model, [{"input_ids": ids, "labels": ids}], n_steps=1, progress=False)
-    return sparsegrad.apply(model, bases, density=0.1, mode=mode)
+    return sparsegrad.apply(model, bases, density=0.1, **options)
 
 
 model = converted_model()
@@ -53,7 +55,7 @@ rebuilt = {}
 if rank == 0:  # the weights an unsharded layer folds the same S into, from the same pretrained weights
     reference = converted_model()
     for name, layer in sparsegrad.sparse_layers(reference).items() if mode != "meprop" else ():
-        layer.set_trained(state[f"{name}.{'values' if mode == 'fixed' else 'delta'}"])
+        layer.set_trained(state[f"{name}.{'values' if options['mode'] == 'fixed' else 'delta'}"])
         rebuilt[f"{name}.weight"] = layer.weight.detach().clone()
     torch.save({"state": state, "rebuilt": rebuilt}, out)
 # Free what holds the process group, then the group, before interpreter exit: left to exit, gloo's threads

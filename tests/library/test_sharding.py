@@ -26,7 +26,7 @@ def _train(processes: int, mode: str, dtype: str, out: Path) -> dict:
     return torch.load(out)
 
 
-@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
+@pytest.mark.parametrize("mode", ["fixed", "block", "dynamic"])
 def test_sharded_training_equals_one_process(tmp_path, mode):
     one, two = (_train(n, mode, "float64", tmp_path / f"{n}.pt")["state"] for n in (1, 2))
     assert one.keys() == two.keys()
@@ -46,7 +46,7 @@ def test_a_sharded_step_cuts_its_top_k_without_being_asked(tmp_path, mode):
     assert max((asked[k] - not_asked[k]).abs().max().item() for k in asked) < 1e-12
 
 
-@pytest.mark.parametrize("mode", ["fixed", "dynamic"])
+@pytest.mark.parametrize("mode", ["fixed", "block", "dynamic"])
 def test_sharded_bfloat16_fold_equals_the_unsharded_fold(tmp_path, mode):
     # bfloat16 runs on 1 and 2 processes differ already in their gradients (activations summed over other
     # batches); what sharding must not change is the weight each rank rebuilds from the trained S
