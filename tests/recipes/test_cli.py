@@ -208,6 +208,8 @@ def test_bad_inputs_are_one_clear_line(glue_dir, tmp_path, capsys):
     assert "--n-params" in _error(["finetune", *small, "--n-params", "10000000"], capsys)
     assert "--density or --n-params" in _error(["finetune", *small, "--density", "0.01", "--n-params", "5"], capsys)
     assert "--bases" in _error(["finetune", *small, "--bases", str(tmp_path / "none.safetensors")], capsys)
+    assert "--structure block shapes the fixed mode's support" in _error(
+        ["finetune", *small, "--mode", "dynamic", "--structure", "block"], capsys)
 
     # an output folder that holds something else is never touched
     other = tmp_path / "notes"

@@ -64,6 +64,25 @@ def test_prepared_models_train(minilm, minilm_bases, bbc_batches):
     assert int((layer.delta != before).sum()) == layer.k
 
 
+def test_block_support_at_the_matched_count(minilm, minilm_bases, bbc_batches):
+    """structure="block": every MLP linear holds a block of exactly the layer's k (the count LoRA is matched to),
+    the label names it, and one step trains every entry of the block; the structure belongs to the fixed mode."""
+    from sparsegrad.recipes.methods import method_label, split_label
+
+    info = prepare(minilm, **split_label("sparsegrad-block"), rest="head", bases=minilm_bases)
+    assert info.trainable_mlp == info.sparse_budget and info.structure == "block"
+    assert method_label(info.method, info.mode, info.structure) == "sparsegrad-block"
+    layers = sparsegrad.sparse_layers(minilm).values()
+    assert {layer.structure for layer in layers} == {"block"}
+    opt = sparsegrad.optimizer(minilm, lr=1e-3)
+    before = [layer.values.detach().clone() for layer in layers]
+    minilm(**bbc_batches[0]).loss.backward()
+    opt.step()
+    assert all(bool((layer.values != b).all()) for layer, b in zip(layers, before))
+    with pytest.raises(ValueError, match="structure='block' shapes the support of SparseGrad's fixed mode"):
+        prepare(minilm, "lora", structure="block")
+
+
 def test_bad_options(minilm, minilm_bases):
     with pytest.raises(ValueError, match="unknown method 'adapter'"):
         canonical_method("adapter")
