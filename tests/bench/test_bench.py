@@ -554,7 +554,10 @@ def test_support_decision_follows_its_stated_rule():
     assert decision(results(0.795, 1.895), cheaper=True)["default"]  # a lower loss is better
     unfinished = results(0.795, 1.901)
     unfinished[0]["sparsegrad-block"] = None
-    assert decision(unfinished, cheaper=True)["missing"] == ["cola"]
+    assert decision(unfinished, cheaper=True)["missing"] == ["cola"] and not decision(unfinished, True)["decided"]
+    unfinished = results(0.77, 1.901)
+    unfinished[0]["sparsegrad-block"] = None  # worse on sst2 already: decided whatever cola brings
+    assert decision(unfinished, cheaper=True)["decided"] and not decision(unfinished, cheaper=True)["default"]
     assert "| sst2 (accuracy) | 80.0 ± 1.0 (lr 0.001) | 80.0 ± 1.0 (lr 0.001) | 77.0 ± 1.0 (lr 0.001) | -3.0 (spread 1.0): worse |" \
         in quality_table(results(0.77, 1.901))
 

@@ -667,14 +667,15 @@ def _support_section(sup: dict | None, glue: dict | None, chat: dict | None) -> 
             "within the seeds' spread of the scattered support, or better, on every task compared, and is cheaper "
             "(fewer FLOPs at every shape, a faster CPU step); otherwise it stays an option and this page says what "
             "it costs in quality.")
-    if d["missing"]:
+    pending = f" ({', '.join(d['missing'])} still to come cannot change that)" if d["missing"] else ""
+    if not d["decided"]:
         verdict = f"Not decided yet: no finished block runs on {', '.join(d['missing'])}."
     elif d["default"]:
         verdict = "Decision: within the spread or better on every task, and cheaper: the block support is the default."
     else:
         why = [f"worse than the scattered support beyond the spread on {', '.join(d['worse'])}"] if d["worse"] else []
         why += [] if d["cheaper"] else ["not cheaper"]
-        verdict = f"Decision: it stays an option ({'; '.join(why)})."
+        verdict = f"Decision: it stays an option ({'; '.join(why)}){pending}."
     below = d["below_lora"]
     lines += [rule + " " + verdict
               + f" Below LoRA beyond the spread: scattered on {', '.join(below['sparsegrad-fixed']) or 'no task'}, "

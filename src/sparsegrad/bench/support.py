@@ -315,7 +315,9 @@ def decision(quality: list[dict], cheaper: bool) -> dict:
     below_lora = {m: [q["task"] for q in quality if (v := compare(q[m], q["lora"], q["greater_is_better"]))
                       and v[2] == "worse"] for m in ("sparsegrad-fixed", "sparsegrad-block")}
     default = not missing and not worse and cheaper
-    return {"default": default, "missing": missing, "worse": worse, "cheaper": cheaper, "below_lora": below_lora}
+    decided = default or bool(worse) or not cheaper  # a task still to come cannot change a "no"
+    return {"default": default, "decided": decided, "missing": missing, "worse": worse, "cheaper": cheaper,
+            "below_lora": below_lora}
 
 
 def quality_table(quality: list[dict]) -> str:

@@ -55,6 +55,7 @@ DEFAULT_LR: dict[tuple[str, str, str], float] = {
     ("classification", "head", "meprop"): 4e-4,
     ("classification", "head", "sparsegrad-fixed"): 2e-3,
     ("classification", "head", "sparsegrad-dynamic"): 5e-4,
+    ("classification", "head", "sparsegrad-block"): 2e-3,
     # the paper's setting (every non-MLP parameter trains too): the dense rest (15.6M in MiniLM) sets the
     # step, and every method chose full fine-tuning's
     **{("classification", "all", label): 1e-4 for label in METHOD_LABELS},
@@ -64,6 +65,7 @@ DEFAULT_LR: dict[tuple[str, str, str], float] = {
     ("causal_lm", "none", "meprop"): 3.6e-3,
     ("causal_lm", "none", "sparsegrad-fixed"): 3.6e-3,
     ("causal_lm", "none", "sparsegrad-dynamic"): 3.6e-3,
+    ("causal_lm", "none", "sparsegrad-block"): 3.6e-3,
 }
 FALLBACK_LR = 1e-4
 
