@@ -151,11 +151,11 @@ class InPlace(FoldRule):
             per = max(1, self.batch_elements // (first.in_features * first.out_features))
             for i in range(0, len(members), per):
                 batch, changes = zip(*members[i:i + per])
-                values = torch.cat([c.diff for c in changes])
                 if all(c.plan is not None and c.plan.block_cols is not None for c in changes):
                     for layer, change in zip(batch, changes):  # block supports: dense products, layer by layer
                         support.fold([layer.weight.data], change.plan, change.diff, *change.plan.sides(first.U, first.V))
                     continue
+                values = torch.cat([c.diff for c in changes])
                 if changes[0].plan is not None:  # fixed: the supports' plans, stacked once
                     plan = _stacked([c.plan for c in changes])
                 else:  # dynamic: the handed-out entries, over every row of the smaller side

@@ -9,8 +9,9 @@ is needed: rotate the side of the support with fewer distinct indices (the rows 
 or of V), then take a sampled product at the entries (see docs/method.md, "The fixed support").
 
 Two structures of the support, both chosen from the preliminary phase's energy (d_in, d_out):
-    scattered  the k largest entries anywhere (the paper's choice): they touch nearly every row and
-               column, so the gradient there needs the whole transformed gradient.
+    scattered  the k largest entries anywhere (the paper's choice): they spread over many rows and
+               columns, so the gradient there needs many rotated rows of the transformed gradient,
+               or all of it.
     block      k entries filling r rows x c columns of S (the last row partly), r the narrow side:
                the gradient needs U's r rows and V's c rows only -- about t r (m + n) + k n
                multiply-adds for t tokens instead of t m n, (m, n) the block's sides' dimensions --
